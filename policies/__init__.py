@@ -1,0 +1,1 @@
+"""Pure, pluggable policies: functions of a snapshot of measurements, chosen by name."""

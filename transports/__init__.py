@@ -1,0 +1,1 @@
+"""Transports that carry an encoded migration between two agents (TCP sessions, RDMA)."""

@@ -28,7 +28,7 @@ def test_teardown_ends_tracked_processes(tmp_path: Path) -> None:
 
 
 def test_recycled_pid_is_not_signalled(tmp_path: Path) -> None:
-    reaper = Reaper("t2", state_root=tmp_path)
+    Reaper("t2", state_root=tmp_path)
     victim = subprocess.Popen(["sleep", "300"])
     try:
         # Record the victim's PID with a wrong start time: as if the PID had been reused.

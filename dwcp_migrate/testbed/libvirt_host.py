@@ -117,7 +117,9 @@ class LibvirtHost:
         log = self.root / "libvirtd.stderr"
         with log.open("wb") as err:
             self.libvirtd = self.reaper.spawn(
-                ["libvirtd", "--listen", "--pid-file", "/run/libvirt/libvirtd.pid"], name=f"libvirtd {self.host.name}",
+                # Its own pid file: the default /run/libvirtd.pid is shared by all hosts.
+                ["libvirtd", "--listen", "--pid-file", "/run/libvirt/libvirtd.pid"],
+                name=f"libvirtd {self.host.name}",
                 prefix=self.nsenter_prefix(), stderr=err, stdout=err)
         deadline = time.monotonic() + timeout
         while True:

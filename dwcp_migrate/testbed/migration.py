@@ -33,7 +33,8 @@ class RamComparison:
         if self.identical:
             return f"RAM identical ({self.size >> 20} MiB)"
         shown = ", ".join(hex(p * PAGE) for p in self.differing_pages[:8])
-        more = "" if len(self.differing_pages) <= 8 else f" and {len(self.differing_pages) - 8} more"
+        extra = len(self.differing_pages) - 8
+        more = f" and {extra} more" if extra > 0 else ""
         return f"RAM differs in {len(self.differing_pages)} pages: {shown}{more}"
 
 

@@ -23,7 +23,7 @@ def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
     """Run a command (inside ``netns`` if given); raise TestbedError with its stderr on failure."""
     full = [*netns_exec_prefix(netns), *argv]
     try:
-        res = subprocess.run(full, capture_output=True, text=True, input=input_text,
+        res = subprocess.run(full, capture_output=True, text=True, input=input_text, check=False,
                              timeout=timeout)
     except FileNotFoundError as exc:
         raise TestbedError(f"{argv[0]} is not installed: run scripts/setup.sh") from exc

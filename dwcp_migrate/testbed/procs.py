@@ -197,7 +197,8 @@ def _end_processes(processes: list[TrackedProcess], grace_s: float) -> list[str]
 
 def _netns_pids(netns: str) -> list[TrackedProcess]:
     """Processes still inside a namespace (daemons' children such as libvirt's QEMU)."""
-    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True,
+                         check=False)
     found = []
     for token in out.stdout.split():
         pid = int(token)
@@ -210,17 +211,21 @@ def _netns_pids(netns: str) -> list[TrackedProcess]:
 def _teardown_record(record: dict[str, Any], grace_s: float) -> list[str]:
     processes = [TrackedProcess(**p) for p in record.get("processes", [])]
     problems = _end_processes(list(reversed(processes)), grace_s)
-    for netns in reversed(record.get("netns", [])):
-        if not Path(f"/run/netns/{netns}").exists():
-            continue
+    netns_list = [ns for ns in reversed(record.get("netns", []))
+                  if Path(f"/run/netns/{ns}").exists()]
+    for netns in netns_list:
         # Whatever is still inside (for example QEMU started by a libvirtd of this bed).
         problems += _end_processes(_netns_pids(netns), grace_s)
-        res = subprocess.run(["ip", "netns", "delete", netns], capture_output=True, text=True)
-        if res.returncode != 0:
-            problems.append(f"ip netns delete {netns}: {res.stderr.strip()}")
+    # Persistent mount namespaces go first: they hold copies of the /run/netns mounts, and
+    # a file that is a mount point in any namespace cannot be unlinked (EBUSY).
     for mount in reversed(record.get("mounts", [])):
-        if os.path.ismount(mount) or Path(mount).exists():
-            subprocess.run(["umount", "-l", mount], capture_output=True)
+        if Path(mount).exists():
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+    for netns in netns_list:
+        res = subprocess.run(["ip", "netns", "delete", netns], capture_output=True, text=True,
+                             check=False)
+        if res.returncode != 0 or Path(f"/run/netns/{netns}").exists():
+            problems.append(f"ip netns delete {netns} failed: {res.stderr.strip()}")
     for path in record.get("paths", []):
         p = Path(path)
         if p.is_dir():

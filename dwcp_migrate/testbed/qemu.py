@@ -8,6 +8,7 @@ socket. :class:`QemuBinary` selects the system QEMU (10.0 from bookworm-backport
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -147,11 +148,10 @@ class GuestVM:
     def stop_process(self) -> None:
         """Quit QEMU (QMP ``quit``, then the PID if it does not go)."""
         if self._qmp is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._qmp.cmd("quit")
-            except Exception:  # noqa: BLE001 - it may already be gone; the PID is next
-                pass
-            self._qmp.close()
+            with contextlib.suppress(Exception):  # QEMU closing the socket first is normal
+                self._qmp.close()
             self._qmp = None
         if self.process is not None:
             try:

@@ -8,7 +8,7 @@ what happened and what to do. Errors raised because of another exception wrap it
 
     DwcpError
      ├── ConfigError            a bad configuration file or option
-     ├── EnvironmentError_      the machine lacks something (a binary, root, a kernel feature)
+     ├── MissingDependencyError the machine lacks something (a binary, root, a kernel feature)
      ├── TestbedError           the test bed could not be built, used or torn down
      │    ├── GuestError        a test guest failed to build, boot, fill or verify
      │    └── LinkError         an emulated link could not be set up
@@ -26,7 +26,7 @@ class ConfigError(DwcpError):
     """A configuration file or option is invalid."""
 
 
-class EnvironmentError_(DwcpError):  # noqa: N801 - trailing underscore avoids the builtin
+class MissingDependencyError(DwcpError):
     """The machine lacks something dwcp-migrate needs (a binary, privileges, a kernel feature)."""
 
 

@@ -23,7 +23,7 @@ def cache_dir() -> Path:
 
 
 def build_dir() -> Path:
-    """Compiled test guests and tools (``setup.sh`` runs ``python -m dwcp_migrate.testbed.build``)."""
+    """Compiled test guests and tools (filled by ``python -m dwcp_migrate.testbed.build``)."""
     return cache_dir() / "build"
 
 

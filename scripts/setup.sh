@@ -27,6 +27,7 @@ backports=/etc/apt/sources.list.d/dwcp-bookworm-backports.sources
 apt_packages=(
     busybox-static cpio gcc gcc-multilib make pkg-config socat iproute2 zstd procps psmisc
     linux-image-amd64 python3-venv python3-dev python3-pyverbs ca-certificates iperf3
+    iputils-ping util-linux
 )
 backport_packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev)
 

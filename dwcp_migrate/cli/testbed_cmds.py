@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,18 +67,28 @@ def demo(guest: str, memory_mib: int, working_set_mib: int, dirty_mib_per_s: flo
                f"{memory_mib} MiB RAM, {working_set_mib} MiB working set dirtying "
                f"{dirty_mib_per_s:g} MiB/s")
 
+    tty = sys.stdout.isatty()
+    last_print = [0.0]
+
     def progress(info: Mapping[str, Any]) -> None:
+        # On a terminal, one line updated in place; in a log, one line a second.
+        now = time.monotonic()
+        if not tty and now - last_print[0] < 1.0 and info.get("status") == "active":
+            return
+        last_print[0] = now
         ram = info.get("ram", {})
         sent = ram.get("transferred", 0) / 2**20
-        click.echo(f"\r  {info.get('status', '?'):>10}  sent {sent:8.1f}"
-                   f" MiB  remaining {ram.get('remaining', 0) / 2**20:7.1f} MiB  iteration "
-                   f"{ram.get('dirty-sync-count', 0):3}", nl=False)
+        line = (f"  {info.get('status', '?'):>10}  sent {sent:8.1f} MiB  remaining "
+                f"{ram.get('remaining', 0) / 2**20:7.1f} MiB  iteration "
+                f"{ram.get('dirty-sync-count', 0):3}")
+        click.echo(f"\r{line}" if tty else line, nl=not tty)
 
     with TestBed(("a", "b"), wan=wan, tcp=TcpSettings.stock()) as bed:
         click.echo("booting the guest on host a and filling its working set...")
         result = plain_migration(bed, setup, link="wan", timeout_s=timeout_s,
                                  label="plain QEMU, direct", on_progress=progress)
-        click.echo("")
+        if tty:
+            click.echo("")
     click.echo(format_results([result]))
     click.echo(f"RAM at switchover: {result.ram_detail}")
     click.echo(f"guest on host b: {result.verify_detail}")

@@ -80,7 +80,6 @@ class TestBed:
                 raise TestbedError("a WAN link needs two hosts")
             a, b = (self.network.hosts[n] for n in self.host_names[:2])
             self.wan = WanLink(self.reaper, a, b, self.wan_spec, index=0)
-            self.wan.start()
         if self.with_libvirt:
             for name in self.host_names:
                 lv = LibvirtHost(self.reaper, self.network.hosts[name], self.reaper.state_dir)

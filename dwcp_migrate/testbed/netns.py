@@ -36,28 +36,26 @@ def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
 
 @dataclass(frozen=True)
 class TcpSettings:
-    """Per-host TCP settings. ``None`` keeps what the namespace inherited from the host."""
+    """Per-host TCP settings. ``None`` keeps what the namespace inherited from the host.
+
+    Only per-namespace sysctls: ``net.core.rmem_max``/``wmem_max`` are global on this kernel
+    (read-only inside a namespace), so a program that sets SO_SNDBUF/SO_RCVBUF itself stays
+    capped by the root namespace's values (4 MiB here); autotuning follows ``tcp_[rw]mem``.
+    """
 
     congestion_control: str | None = None  # "cubic", "bbr", "reno"
-    rmem_max: int | None = None  # net.core.rmem_max
-    wmem_max: int | None = None  # net.core.wmem_max
     tcp_rmem: tuple[int, int, int] | None = None
     tcp_wmem: tuple[int, int, int] | None = None
 
     @classmethod
     def stock(cls) -> TcpSettings:
-        """Debian's stock settings: cubic, 4 MiB maximum buffers."""
-        mib4 = 4 * 1024 * 1024
-        return cls("cubic", mib4, mib4, (4096, 131072, 6291456), (4096, 16384, mib4))
+        """Debian's stock settings: cubic, 4 MiB maximum send buffer, 6 MiB receive."""
+        return cls("cubic", (4096, 131072, 6291456), (4096, 16384, 4 * 1024 * 1024))
 
     def sysctls(self) -> dict[str, str]:
         out: dict[str, str] = {}
         if self.congestion_control:
             out["net.ipv4.tcp_congestion_control"] = self.congestion_control
-        if self.rmem_max:
-            out["net.core.rmem_max"] = str(self.rmem_max)
-        if self.wmem_max:
-            out["net.core.wmem_max"] = str(self.wmem_max)
         if self.tcp_rmem:
             out["net.ipv4.tcp_rmem"] = " ".join(map(str, self.tcp_rmem))
         if self.tcp_wmem:
@@ -81,14 +79,16 @@ class Host:
 
     def apply_tcp(self, settings: TcpSettings) -> None:
         for key, value in settings.sysctls().items():
-            res = self.run(["sysctl", "-q", "-w", f"{key}={value}"], check=False)
-            if res.returncode != 0:
+            self.run(["sysctl", "-q", "-w", f"{key}={value}"], check=False)
+            # sysctl exits 0 on some refusals ("Invalid argument"): read the value back.
+            got = self.run(["sysctl", "-n", key], check=False).stdout.split()
+            if got != value.split():
                 hint = ""
                 if key.endswith("congestion_control"):
                     hint = (" (a namespace may only use congestion controls allowed in the root "
                             "namespace: net.ipv4.tcp_allowed_congestion_control, set by setup.sh)")
-                raise TestbedError(f"host {self.name}: cannot set {key}={value}: "
-                                   f"{res.stderr.strip()}{hint}")
+                raise TestbedError(f"host {self.name}: cannot set {key}={value} "
+                                   f"(it reads {' '.join(got)!r}){hint}")
 
 
 class Network:

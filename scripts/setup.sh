@@ -51,11 +51,16 @@ fi
 qemu72="$repo/.cache/qemu72"
 if [ ! -x "$qemu72/usr/bin/qemu-system-x86_64" ]; then
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download -q \
-        'qemu-system-x86=1:7.2+dfsg-7+deb12u18+b3' \
-        'qemu-system-common=1:7.2+dfsg-7+deb12u18+b3' \
-        'qemu-system-data=1:7.2+dfsg-7+deb12u18' >/dev/null 2>&1) || \
-    (cd "$tmp" && apt-get download -q -t bookworm qemu-system-x86/bookworm qemu-system-common/bookworm qemu-system-data/bookworm >/dev/null)
+    chmod 755 "$tmp"  # apt's _apt user downloads into it
+    # The version TESTBED.md was checked with; if the mirror has moved on, bookworm's current.
+    if ! (cd "$tmp" && apt-get download -q \
+            'qemu-system-x86=1:7.2+dfsg-7+deb12u18+b3' \
+            'qemu-system-common=1:7.2+dfsg-7+deb12u18+b3' \
+            'qemu-system-data=1:7.2+dfsg-7+deb12u18' >/dev/null 2>&1); then
+        rm -f "$tmp"/*.deb
+        (cd "$tmp" && apt-get download -q qemu-system-x86/bookworm qemu-system-common/bookworm \
+            qemu-system-data/bookworm >/dev/null)
+    fi
     mkdir -p "$qemu72"
     for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$qemu72"; done
     rm -rf "$tmp"
@@ -73,8 +78,14 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
 if [ ! -f "$stamp_dir/pip" ] || [ pyproject.toml -nt "$stamp_dir/pip" ]; then
-    "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q -e ".[dev]"
+    # pip's output goes to a log that is shown only when it fails.
+    pip_log="$repo/.cache/pip.log"
+    if ! { "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e ".[dev]"; } \
+            >"$pip_log" 2>&1; then
+        tail -n 40 "$pip_log" >&2
+        echo "setup.sh: pip install failed (full log: $pip_log)" >&2
+        exit 1
+    fi
     touch "$stamp_dir/pip"
 fi
 

@@ -1,0 +1,81 @@
+"""Nothing is left behind: not after a normal exit, not after Ctrl-C, not after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dwcp_migrate import paths
+from dwcp_migrate.testbed.procs import process_start_time, reap_stale_beds
+
+pytestmark = [pytest.mark.netns]
+
+# A child builds a bed with a WAN link and a libvirt daemon, prints what it made, then waits.
+CHILD = """
+import json, sys, time
+from dwcp_migrate.testbed.bed import TestBed
+from dwcp_migrate.testbed.wan import WanSpec
+with TestBed(("a", "b"), wan=WanSpec.from_rtt(rtt_ms=10, rate_mbit=100),
+             libvirt=%(libvirt)s) as bed:
+    assert bed.reaper is not None and bed.wan is not None
+    pids = [p.pid for p in bed.reaper._processes]
+    print(json.dumps({"bed": bed.bed_id, "netns": [h.netns for h in bed.network.hosts.values()],
+                      "pids": pids}), flush=True)
+    time.sleep(300)
+"""
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+def _start_child(libvirt: bool) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    child = subprocess.Popen([sys.executable, "-c", CHILD % {"libvirt": libvirt}],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    assert line, "the child failed to build its bed"
+    made: dict[str, object] = json.loads(line)
+    return child, made
+
+
+def _assert_gone(made: dict[str, object]) -> None:
+    netns = made["netns"]
+    assert isinstance(netns, list)
+    assert not set(netns) & _namespaces()
+    pids = made["pids"]
+    assert isinstance(pids, list)
+    for pid in pids:
+        assert process_start_time(pid) is None or _zombie(pid), f"pid {pid} still alive"
+    assert not (paths.testbed_state_dir() / str(made["bed"])).exists()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
+def test_ctrl_c_tears_down(root: None) -> None:
+    child, made = _start_child(libvirt=True)
+    assert set(made["netns"]) <= _namespaces()  # type: ignore[arg-type]
+    child.send_signal(signal.SIGINT)
+    child.wait(timeout=60)
+    _assert_gone(made)
+
+
+def test_sigkill_leftovers_are_reaped_by_the_next_run(root: None) -> None:
+    child, made = _start_child(libvirt=False)
+    child.kill()
+    child.wait(timeout=10)
+    assert set(made["netns"]) <= _namespaces()  # type: ignore[arg-type]
+    assert str(made["bed"]) in reap_stale_beds()
+    _assert_gone(made)

@@ -4,18 +4,16 @@ both); they build real guests, namespaces and daemons, and tear them down on eve
 
 from __future__ import annotations
 
+import json
 import os
-import re
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
+from dwcp_migrate import paths
 from dwcp_migrate.paths import build_dir
 from dwcp_migrate.testbed.build import BuildProducts, build_all
 from dwcp_migrate.testbed.procs import reap_stale_beds
-
-BED_NAMESPACE = re.compile(r"^dw[0-9a-f]{6}-")  # TestBed's namespace names
 
 
 @pytest.fixture(scope="session")
@@ -29,16 +27,24 @@ def root() -> None:
         pytest.fail("this test needs root (namespaces, libvirtd): run it through scripts/test")
 
 
-def _namespaces() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
-    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+def _own_beds() -> list[str]:
+    """Beds whose records say this process owns them (other processes may run beds too)."""
+    root = paths.testbed_state_dir()
+    own = []
+    for record in root.glob("*/record.json") if root.is_dir() else []:
+        try:
+            if json.loads(record.read_text()).get("owner_pid") == os.getpid():
+                own.append(record.parent.name)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return own
 
 
 @pytest.fixture
 def leak_check(root: None) -> Iterator[None]:
-    """Fail the test if it leaves a namespace of its own behind."""
+    """Fail the test if a bed it made was not torn down (namespaces, processes, records)."""
     reap_stale_beds()
-    before = _namespaces()
+    before = set(_own_beds())
     yield
-    left = {ns for ns in _namespaces() - before if BED_NAMESPACE.match(ns)}
-    assert not left, f"namespaces left behind: {sorted(left)}"
+    left = set(_own_beds()) - before
+    assert not left, f"test beds left behind: {sorted(left)}"

@@ -8,6 +8,9 @@ import sys
 import click
 
 from dwcp_migrate import __version__
+from dwcp_migrate.cli.agent_cmds import agent, config, status
+from dwcp_migrate.cli.hooks_cmd import hooks
+from dwcp_migrate.cli.migrate_cmd import migrate
 from dwcp_migrate.cli.testbed_cmds import demo, testbed
 from dwcp_migrate.errors import DwcpError
 
@@ -26,6 +29,11 @@ def cli(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+cli.add_command(agent)
+cli.add_command(migrate)
+cli.add_command(hooks)
+cli.add_command(status)
+cli.add_command(config)
 cli.add_command(demo)
 cli.add_command(testbed)
 

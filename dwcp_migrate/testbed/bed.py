@@ -36,6 +36,7 @@ class TestBed:
         *,
         wan: WanSpec | None = None,
         libvirt: bool = False,
+        start_libvirtd: bool = True,
         tcp: TcpSettings | None = None,
         keep_workdir: bool = False,
     ) -> None:
@@ -44,6 +45,7 @@ class TestBed:
         self.host_names = list(host_names)
         self.wan_spec = wan
         self.with_libvirt = libvirt
+        self.start_libvirtd = start_libvirtd  # False: the caller starts them (after hooks)
         self.tcp = tcp
         self.keep_workdir = keep_workdir
         self.bed_id = uuid.uuid4().hex[:8]
@@ -85,8 +87,9 @@ class TestBed:
                 lv = LibvirtHost(self.reaper, self.network.hosts[name], self.reaper.state_dir)
                 lv.setup()
                 self.libvirt[name] = lv
-            for lv in self.libvirt.values():
-                lv.start_libvirtd()
+            if self.start_libvirtd:
+                for lv in self.libvirt.values():
+                    lv.start_libvirtd()
 
     def down(self) -> None:
         if self.reaper is not None:

@@ -8,7 +8,7 @@ switchover, then lets the destination run and waits for its own memory verificat
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,6 +119,53 @@ def plain_migration(
     outcome = run_migration(src, dst, uri, capabilities=capabilities, parameters=parameters,
                             min_iterations=min_iterations, timeout_s=timeout_s,
                             on_progress=on_progress)
+    outcome.wall_time_s = time.monotonic() - started
+    ram = compare_guest_ram(src, dst, bed.workdir)
+    verified, detail = verify_destination(dst)
+    src.stop_process()
+    dst.stop_process()
+    return ScenarioResult(label, outcome, ram.identical, ram.describe(), verified, detail)
+
+
+def agent_migration(
+    bed: TestBed,
+    setup: GuestSetup,
+    src_socket: str,
+    dst_socket: str,
+    *,
+    src_host: str = "a",
+    dst_host: str = "b",
+    capabilities: Mapping[str, bool] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    min_iterations: int = 0,
+    timeout_s: float = 300,
+    label: str = "dwcp",
+    on_progress: ProgressCallback | None = None,
+    during: Callable[[GuestVM, GuestVM], None] | None = None,
+) -> ScenarioResult:
+    """Plain QEMU on both hosts, the stream carried by the agents over unix sockets.
+
+    The source QEMU connects to its agent's ``to/<dst>.sock`` (``src_socket``); the
+    destination QEMU listens at ``dst_socket``, the same name on the destination host.
+    ``during`` runs once the migration has started (to inject failures).
+    """
+    src = boot_source(bed, src_host, setup)
+    dst = start_destination(bed, dst_host, setup, f"unix:{dst_socket}")
+    started = time.monotonic()
+    hook = on_progress
+    if during is not None:
+        fired = [False]
+
+        def hook_with_failure(info: Mapping[str, Any]) -> None:
+            if not fired[0] and info.get("status") == "active":
+                fired[0] = True
+                during(src, dst)
+            if on_progress is not None:
+                on_progress(info)
+        hook = hook_with_failure
+    outcome = run_migration(src, dst, f"unix:{src_socket}", capabilities=capabilities,
+                            parameters=parameters, min_iterations=min_iterations,
+                            timeout_s=timeout_s, on_progress=hook)
     outcome.wall_time_s = time.monotonic() - started
     ram = compare_guest_ram(src, dst, bed.workdir)
     verified, detail = verify_destination(dst)

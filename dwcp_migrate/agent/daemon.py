@@ -1,0 +1,397 @@
+"""The agent daemon: migration sockets, the transport listener, the admin API.
+
+For every peer P the agent listens on ``<socket_dir>/to/P.sock``. A QEMU connecting there is
+migrating to P: the connection is carried over a transport session to P's agent, which
+connects to ``<socket_dir>/to/P.sock`` on its own host, where P's incoming QEMU listens
+(libvirt's unix-socket migration uses one path on both hosts). Several connections of one
+migration (multifd channels) are delivered in their order of arrival: QEMU 7.2 tells the main
+channel from the others by that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dwcp_migrate.agent.admin import AdminServer
+from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, encode_json
+from dwcp_migrate.agent.codecs import make_decoder, make_encoder
+from dwcp_migrate.agent.config import AgentConfig, PeerConfig
+from dwcp_migrate.agent.datapath import (
+    MessageStream,
+    qemu_to_session,
+    run_pumps,
+    session_to_qemu,
+)
+from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
+from dwcp_migrate.errors import MigrationError
+from dwcp_migrate.policies.datapath import LinkSample, choose_data_mode
+from dwcp_migrate.transports.adapt import StreamRange
+from dwcp_migrate.transports.sockopts import TcpOptions
+from dwcp_migrate.transports.tcp import (
+    SessionServer,
+    TcpSession,
+    TransportConfig,
+    connect_session,
+)
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 30.0  # destination: deliver to QEMU and answer within this
+QEMU_CONNECT_TIMEOUT = 20.0  # destination: wait this long for the incoming QEMU's socket
+
+
+@dataclass
+class OutgoingMigration:
+    """Source side: connections to one peer that belong to one migration."""
+
+    record: MigrationRecord
+    open_channels: int = 0
+    next_index: int = 0
+    main_open: bool = True
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IncomingMigration:
+    record: MigrationRecord
+    connected: dict[int, asyncio.Event] = field(default_factory=dict)
+    open_channels: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def event(self, index: int) -> asyncio.Event:
+        return self.connected.setdefault(index, asyncio.Event())
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.migrations = MigrationLog(config.state_dir)
+        self.transport = TransportConfig(
+            security=config.security,
+            tcp=TcpOptions(congestion_control=config.transport.congestion_control),
+            adapt=StreamRange(config.transport.min_streams, config.transport.max_streams)
+            if config.transport.adapt else None,
+        )
+        self._unix_servers: list[asyncio.Server] = []
+        self._session_server: SessionServer | None = None
+        self._admin: AdminServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._outgoing: dict[str, OutgoingMigration] = {}  # peer -> migration in progress
+        self._incoming: dict[str, IncomingMigration] = {}  # migration id -> state
+        self.started = time.time()
+        self.refuse_incoming: str | None = None  # set by an operator or a policy
+        self._libvirt: Any = None  # LibvirtMigrator, made on first use (imports libvirt)
+        self._job_peers: dict[str, str] = {}  # peer -> libvirt job id of its migration
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        (cfg.socket_dir / "to").mkdir(parents=True, exist_ok=True)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        for peer in cfg.peers.values():
+            path = cfg.outgoing_socket(peer.name)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket of an earlier run
+            server = await asyncio.start_unix_server(
+                self._qemu_handler(peer), path=str(path), limit=4 * 1024 * 1024)
+            os.chmod(path, 0o600)
+            self._unix_servers.append(server)
+        self._session_server = SessionServer(name=cfg.name, config=self.transport,
+                                             allowed_peers=list(cfg.peers))
+        await self._session_server.start(cfg.listen_host, cfg.listen_port)
+        self._spawn(self._accept_sessions())
+        self._admin = AdminServer(self, cfg.admin_socket)
+        await self._admin.start()
+        log.info("agent %s listening on %s:%d, migration sockets in %s, peers: %s", cfg.name,
+                 cfg.listen_host, self._session_server.port, cfg.socket_dir / "to",
+                 ", ".join(cfg.peers) or "none")
+
+    async def stop(self) -> None:
+        for server in self._unix_servers:
+            server.close()
+        if self._session_server is not None:
+            await self._session_server.close()
+        if self._admin is not None:
+            await self._admin.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        for peer in self.config.peers:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.outgoing_socket(peer).unlink()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                # Handlers record their own errors; this catches bugs in the handlers.
+                log.error("agent task failed: %r", t.exception(), exc_info=t.exception())
+        task.add_done_callback(done)
+        return task
+
+    # ---- libvirt-driven migrations ------------------------------------------------------------
+    async def start_libvirt_migration(self, domain: str, to: str,
+                                      bandwidth_mib: Any = None) -> dict[str, Any]:
+        from dwcp_migrate.agent.libvirt_jobs import LibvirtMigrator
+
+        if not domain:
+            raise MigrationError("which domain? (migrate needs a domain name)")
+        peer = self.config.peers.get(to)
+        if peer is None:
+            raise MigrationError(f"{to!r} is not a peer of agent {self.config.name} (peers: "
+                                 f"{', '.join(sorted(self.config.peers)) or 'none'})")
+        if bandwidth_mib is not None and (not isinstance(bandwidth_mib, int)
+                                          or bandwidth_mib <= 0):
+            raise MigrationError(f"bandwidth_mib must be a positive integer, got "
+                                 f"{bandwidth_mib!r}")
+        if self._libvirt is None:
+            self._libvirt = LibvirtMigrator()
+        migrate_uri = f"unix://{self.config.outgoing_socket(peer.name)}"
+        job = await asyncio.to_thread(self._libvirt.start, domain, peer.name, peer.libvirt_uri,
+                                      migrate_uri, bandwidth_mib)
+        self._job_peers[peer.name] = job.id
+        return {"job": job.to_json()}
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        job = self._libvirt.jobs.get(job_id) if self._libvirt is not None else None
+        if job is None:
+            raise MigrationError(f"no migration job {job_id!r} on this agent")
+        out = job.to_json()
+        record = next((r for r in self.migrations.active.values()
+                       if r.peer == job.peer and r.role == "source"), None)
+        if record is None:
+            record_json = next((r for r in reversed(self.migrations.recent)
+                                if r.get("domain") == job.domain and r.get("peer") == job.peer
+                                and r.get("started", 0) >= job.started - 1), None)
+        else:
+            record_json = record.to_json()
+        return {"job": out, "record": record_json}
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.config.name, "peers": sorted(self.config.peers),
+                "uptime_s": time.time() - self.started,
+                "refusing_incoming": self.refuse_incoming, **self.migrations.snapshot()}
+
+    # ---- source side ----------------------------------------------------------------------
+    def _qemu_handler(self, peer: PeerConfig) -> Callable[
+            [asyncio.StreamReader, asyncio.StreamWriter], None]:
+        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._spawn(self._on_qemu_connection(peer, reader, writer))
+        return handler
+
+    def _outgoing_for(self, peer: PeerConfig) -> OutgoingMigration:
+        current = self._outgoing.get(peer.name)
+        if current is not None and current.main_open:
+            return current  # a further channel (multifd) of the migration in progress
+        record = self.migrations.start(MigrationRecord.new("source", peer.name))
+        job_id = self._job_peers.get(peer.name)
+        job = self._libvirt.jobs.get(job_id) if self._libvirt is not None and job_id else None
+        if job is not None and job.ended is None:
+            record.domain = job.domain
+        current = OutgoingMigration(record)
+        self._outgoing[peer.name] = current
+        return current
+
+    async def _on_qemu_connection(self, peer: PeerConfig, reader: asyncio.StreamReader,
+                                  writer: asyncio.StreamWriter) -> None:
+        mig = self._outgoing_for(peer)
+        index = mig.next_index
+        mig.next_index += 1
+        mig.open_channels += 1
+        counters = mig.record.channel(index)
+        error: str | None = None
+        session: TcpSession | None = None
+        try:
+            started = time.monotonic()
+            session = await connect_session(
+                (peer.host, peer.port), self.config.transport.streams, name=self.config.name,
+                peer_name=peer.name, config=self.transport)
+            connect_s = time.monotonic() - started
+            stats = session.stats()
+            link = LinkSample(rtt_ms=stats.min_rtt_ms or stats.tcp_rtt_ms or connect_s * 1000)
+            mode, reason = choose_data_mode(self.config.codec.mode, link)
+            if index == 0:
+                mig.record.mode, mig.record.mode_reason = mode, reason
+            encoder = make_encoder(self.config.codec, link) if mode == "encode" else None
+            open_msg: dict[str, Any] = {
+                "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
+                "source": self.config.name, "target": peer.name, "mode": mode,
+                "codec": encoder.describe() if encoder is not None else None}
+            for part in encode_json(MessageType.OPEN, open_msg):
+                counters.wire_bytes += len(part)
+                await session.send(part)
+            messages = MessageStream(session, peer.name)
+            reply = await asyncio.wait_for(messages.next(), OPEN_TIMEOUT + 10)
+            if reply is None or reply.type is MessageType.REFUSE:
+                why = reply.text() if reply is not None else "closed the session"
+                raise MigrationError(f"agent {peer.name} refused the migration: {why}")
+            if reply.type is not MessageType.ACCEPT:
+                raise MigrationError(f"agent {peer.name} answered OPEN with {reply.type.name}")
+            log.info("migration %s channel %d to %s: %s (%s)", mig.record.id, index, peer.name,
+                     mode, reason)
+            loop = asyncio.get_running_loop()
+            up = asyncio.ensure_future(qemu_to_session(
+                reader, session, counters, encoder,
+                (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None))
+            down = asyncio.ensure_future(session_to_qemu(messages, writer, counters, None,
+                                                         count_as_return=True))
+            await run_pumps(up, down, session, peer.name)
+            await session.close()
+            if encoder is not None:
+                mig.record.codec[str(index)] = encoder.stats()
+        except (Exception, asyncio.CancelledError) as exc:
+            error = _describe(exc, f"carrying the migration to {peer.name}")
+            if session is not None:
+                session.abort(error)
+        finally:
+            _close_qemu(writer, abort=error is not None)
+            if index == 0:
+                mig.main_open = False
+            mig.open_channels -= 1
+            if error:
+                mig.errors.append(f"channel {index}: {error}")
+            if mig.open_channels == 0 and not mig.main_open:
+                self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
+                if self._outgoing.get(peer.name) is mig:
+                    del self._outgoing[peer.name]
+
+    # ---- destination side -----------------------------------------------------------------
+    async def _accept_sessions(self) -> None:
+        assert self._session_server is not None
+        while True:
+            session = await self._session_server.accept()
+            self._spawn(self._on_session(session))
+
+    async def _on_session(self, session: TcpSession) -> None:
+        peer = session.core.peer_name or session.peer
+        messages = MessageStream(session, peer)
+        try:
+            first = await asyncio.wait_for(messages.next(), OPEN_TIMEOUT)
+        except (Exception, asyncio.CancelledError) as exc:
+            log.warning("session from %s ended before OPEN: %s", peer, exc)
+            session.abort("no OPEN")
+            return
+        if first is None or first.type is not MessageType.OPEN:
+            log.warning("session from %s did not start with OPEN; dropped", peer)
+            session.abort("expected OPEN")
+            return
+        try:
+            request = first.json()
+            mig, index = self._admit(peer, request)
+        except MigrationError as exc:
+            log.warning("refused a migration from %s: %s", peer, exc)
+            with contextlib.suppress(Exception):
+                await session.send(b"".join(_refuse(str(exc))))
+                await session.close()
+            return
+        await self._deliver(session, messages, mig, index, request)
+
+    def _admit(self, peer: str, request: dict[str, Any]) -> tuple[IncomingMigration, int]:
+        if request.get("version") != PROTOCOL_VERSION:
+            raise MigrationError(f"channel protocol version {request.get('version')} is not "
+                                 f"supported (this agent speaks {PROTOCOL_VERSION})")
+        if request.get("target") != self.config.name:
+            raise MigrationError(f"this agent is {self.config.name}, not "
+                                 f"{request.get('target')!r}")
+        if request.get("source") != peer:
+            raise MigrationError(f"the session is from {peer} but OPEN names "
+                                 f"{request.get('source')!r}")
+        if self.refuse_incoming:
+            raise MigrationError(self.refuse_incoming)
+        migration_id, index = request.get("migration"), request.get("channel")
+        if not isinstance(migration_id, str) or not isinstance(index, int) or index < 0:
+            raise MigrationError("OPEN lacks a migration id or channel index")
+        if request.get("mode") not in ("encode", "passthrough"):
+            raise MigrationError(f"unknown data mode {request.get('mode')!r}")
+        mig = self._incoming.get(migration_id)
+        if mig is None:
+            record = self.migrations.start(
+                MigrationRecord.new("destination", peer, migration_id))
+            record.mode = request["mode"]
+            mig = IncomingMigration(record)
+            self._incoming[migration_id] = mig
+        return mig, index
+
+    async def _deliver(self, session: TcpSession, messages: MessageStream,
+                       mig: IncomingMigration, index: int, request: dict[str, Any]) -> None:
+        counters = mig.record.channel(index)
+        mig.open_channels += 1
+        error: str | None = None
+        writer: asyncio.StreamWriter | None = None
+        try:
+            decoder = make_decoder(self.config.codec, request.get("codec")) \
+                if request["mode"] == "encode" else None
+            if index > 0:  # keep the order of arrival: QEMU 7.2 relies on it
+                await asyncio.wait_for(mig.event(index - 1).wait(), QEMU_CONNECT_TIMEOUT)
+            reader, writer = await _connect_qemu(self.config.outgoing_socket(self.config.name))
+            mig.event(index).set()
+            for part in encode_json(MessageType.ACCEPT, {"channel": index}):
+                counters.wire_bytes += len(part)
+                await session.send(part)
+            down = asyncio.ensure_future(session_to_qemu(messages, writer, counters, decoder,
+                                                         count_as_return=False))
+            up = asyncio.ensure_future(qemu_to_session(reader, session, counters, None))
+            await run_pumps(down, up, session, messages.peer)
+            await session.close()
+        except (Exception, asyncio.CancelledError) as exc:
+            error = _describe(exc, f"delivering the migration from {messages.peer}")
+            with contextlib.suppress(Exception):
+                if writer is None:  # nothing reached QEMU: tell the source why
+                    await asyncio.wait_for(session.send(b"".join(_refuse(error))), 2)
+            session.abort(error)
+        finally:
+            if writer is not None:
+                _close_qemu(writer, abort=error is not None)
+            counters.wire_bytes += messages.wire_bytes
+            mig.open_channels -= 1
+            if error:
+                mig.errors.append(f"channel {index}: {error}")
+            if mig.open_channels == 0:
+                self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
+                self._incoming.pop(mig.record.id, None)
+
+
+def _refuse(reason: str) -> list[bytes]:
+    return encode(MessageType.REFUSE, reason.encode()[:4096])
+
+
+async def _connect_qemu(path: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the incoming QEMU; it may still be creating its socket."""
+    deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
+    while True:
+        try:
+            return await asyncio.open_unix_connection(str(path), limit=4 * 1024 * 1024)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if time.monotonic() > deadline:
+                raise MigrationError(f"no QEMU is listening at {path} on this host (is the "
+                                     f"destination VM started with -incoming there?): "
+                                     f"{exc}") from exc
+            await asyncio.sleep(0.05)
+
+
+def _close_qemu(writer: asyncio.StreamWriter, *, abort: bool) -> None:
+    if abort:
+        writer.transport.abort()  # a reset: QEMU must see a failure, not a clean end
+    else:
+        writer.close()
+
+
+def _describe(exc: BaseException, doing: str) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return f"{doing}: the agent is shutting down"
+    if isinstance(exc, TimeoutError):
+        return f"{doing}: timed out"
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, MigrationError) else f"{doing}: {text}"

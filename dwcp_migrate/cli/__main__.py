@@ -1,0 +1,3 @@
+from dwcp_migrate.cli import main
+
+main()

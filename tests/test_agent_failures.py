@@ -1,0 +1,144 @@
+"""Failure semantics of the agent data path, each on the test bed with real guests.
+
+In every case that fails, the migration reports why, the VM keeps running on the source and
+its memory verifies. In every case that completes, the destination's RAM is identical to the
+source's at switchover. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dwcp_migrate.testbed.agents import TestAgent
+from dwcp_migrate.testbed.bed import TestBed
+from dwcp_migrate.testbed.build import BuildProducts
+from dwcp_migrate.testbed.guests import SerialLog, WorkloadSpec
+from dwcp_migrate.testbed.migration import compare_guest_ram, wait_incoming_complete
+from dwcp_migrate.testbed.netns import TcpSettings
+from dwcp_migrate.testbed.qemu import GuestVM
+from dwcp_migrate.testbed.scenario import GuestSetup, boot_source, start_destination
+from dwcp_migrate.testbed.wan import WanSpec
+
+pytestmark = [pytest.mark.guest, pytest.mark.netns]
+
+# Slow enough (a capped WAN) that a failure lands in the middle of the migration.
+SETUP = GuestSetup("baremetal", 512, WorkloadSpec(working_set_mib=256, dirty_mib_per_s=8))
+WAN = WanSpec.from_rtt(rtt_ms=20, rate_mbit=200)
+
+
+@dataclass
+class Run:
+    bed: TestBed
+    agents: dict[str, TestAgent]
+    src: GuestVM
+    dst: GuestVM
+
+
+@pytest.fixture
+def run(products: BuildProducts, leak_check: None) -> Iterator[Run]:
+    with TestBed(("a", "b"), wan=WAN, tcp=TcpSettings.stock()) as bed:
+        agents = {h: TestAgent(bed, h, settings={"codec": {"mode": "passthrough"}})
+                  for h in ("a", "b")}
+        for agent in agents.values():
+            agent.start()
+        src = boot_source(bed, "a", SETUP)
+        dst = start_destination(bed, "b", SETUP, f"unix:{agents['b'].outgoing_socket('b')}")
+        yield Run(bed, agents, src, dst)
+        for vm in (src, dst):
+            vm.stop_process()
+
+
+def migrate_with(run: Run, inject: Callable[[Run], None] | None, *, after_bytes: int = 32 << 20,
+                 timeout_s: float = 120) -> dict[str, Any]:
+    """Start the migration, call ``inject`` once this many bytes went, wait for the end."""
+    run.src.qmp("migrate", uri=f"unix:{run.agents['a'].outgoing_socket('b')}")
+    injected = inject is None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = run.src.query_migrate()
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            return info
+        if not injected and info.get("ram", {}).get("transferred", 0) >= after_bytes:
+            assert inject is not None
+            inject(run)
+            injected = True
+        assert time.monotonic() < deadline, f"migration did not end: {info}"
+        time.sleep(0.05)
+
+
+def assert_failed_safely(run: Run, info: dict[str, Any], why: str) -> None:
+    assert info["status"] == "failed", info
+    # The source resumes the guest by itself after a failed migration.
+    deadline = time.monotonic() + 30
+    while run.src.status() != "running":
+        assert time.monotonic() < deadline, run.src.status()
+        time.sleep(0.1)
+    log = SerialLog(run.src.serial_path)
+    log.refresh()
+    log.wait_for_passes(log.verify_passes + 2, timeout=60)
+    assert not log.corruptions, log.corruptions
+    # The source agent (if alive) recorded the failure and why.
+    agent = run.agents["a"]
+    if agent.process is not None and agent.process.poll() is None:
+        recent = _wait_recent(agent)
+        assert recent["result"] == "failed", recent
+        assert why in (recent["error"] or ""), recent
+
+
+def _wait_recent(agent: TestAgent) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        status = agent.client().call("status")
+        if status["recent"] and not status["active"]:
+            recent: dict[str, Any] = status["recent"][-1]
+            return recent
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+def assert_completed_identically(run: Run, info: dict[str, Any]) -> None:
+    assert info["status"] == "completed", info
+    wait_incoming_complete(run.dst, timeout_s=60)
+    ram = compare_guest_ram(run.src, run.dst, run.bed.workdir)
+    assert ram.identical, ram.describe()
+    run.dst.qmp("cont")
+    log = SerialLog(run.dst.serial_path)
+    log.wait_for_passes(2, timeout=60)
+    assert not log.corruptions
+
+
+def test_destination_agent_killed(run: Run) -> None:
+    info = migrate_with(run, lambda r: r.agents["b"].kill())
+    assert_failed_safely(run, info, "b")
+
+
+def test_source_agent_killed(run: Run) -> None:
+    info = migrate_with(run, lambda r: r.agents["a"].kill())
+    assert_failed_safely(run, info, "")
+    assert not run.dst.running_process() or run.dst.status() != "running"
+
+
+def test_destination_qemu_gone(run: Run) -> None:
+    info = migrate_with(run, lambda r: os.kill(r.dst.pid, signal.SIGKILL))
+    assert_failed_safely(run, info, "")
+
+
+def test_connection_reset_is_survived(run: Run) -> None:
+    # Cut the WAN for a second in the middle: connections break and are replaced; the
+    # migration goes on and the destination gets exactly the source's RAM.
+    assert run.bed.wan is not None
+    wan = run.bed.wan
+    info = migrate_with(run, lambda r: wan.cut(1.0, wait=False))
+    assert_completed_identically(run, info)
+
+
+def test_plain_completion_is_identical(run: Run) -> None:
+    info = migrate_with(run, None)
+    assert_completed_identically(run, info)

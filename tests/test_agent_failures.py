@@ -44,8 +44,7 @@ class Run:
 @pytest.fixture
 def run(products: BuildProducts, leak_check: None) -> Iterator[Run]:
     with TestBed(("a", "b"), wan=WAN, tcp=TcpSettings.stock()) as bed:
-        agents = {h: TestAgent(bed, h, settings={"codec": {"mode": "passthrough"}})
-                  for h in ("a", "b")}
+        agents = {h: TestAgent(bed, h) for h in ("a", "b")}  # WAN: the encoded data path
         for agent in agents.values():
             agent.start()
         src = boot_source(bed, "a", SETUP)

@@ -62,8 +62,7 @@ def libvirt_bed(products: BuildProducts, leak_check: None) -> Iterator[Bed]:
     wan = WanSpec.from_rtt(rtt_ms=20, rate_mbit=500)
     with TestBed(("a", "b"), wan=wan, libvirt=True, start_libvirtd=False,
                  tcp=TcpSettings.stock()) as bed:
-        agents = {h: TestAgent(bed, h, settings={"codec": {"mode": "passthrough"}})
-                  for h in ("a", "b")}
+        agents = {h: TestAgent(bed, h) for h in ("a", "b")}  # WAN: the encoded data path
         for name, agent in agents.items():
             agent.write_config()
             lv = bed.libvirt[name]

@@ -1,17 +1,86 @@
-"""The agent's use of the stream and page codecs (filled in when dwcp_migrate.codec lands)."""
+"""The agent's use of the stream pipeline (dwcp_migrate.codec) on a migration channel.
+
+The source makes a :class:`ChannelEncoder` per channel and announces its page-codec session
+header in OPEN; the destination makes the matching :class:`ChannelDecoder`, after checking
+that the cache the source asks for fits its own configured limit (a peer must not be able to
+make this host allocate unbounded memory).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from dwcp_migrate.agent.config import CodecSettings
+from dwcp_migrate.codec import StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import MigrationError
-from dwcp_migrate.policies.datapath import LinkSample
+from dwcp_migrate.pagecodec import Compression, PageCodecConfig
+from dwcp_migrate.policies.datapath import LAN_RTT_MS, LinkSample
+
+PAGE_SIZE = 4096  # x86 target pages; the stream codec refuses a stream of another size
 
 
-def make_encoder(settings: CodecSettings, link: LinkSample) -> Any:
-    raise MigrationError("encoded mode is not available yet; set codec.mode: passthrough")
+def compression_for(settings: CodecSettings, link: LinkSample) -> Compression:
+    """zstd where the link is slow enough to repay it, lz4 on fast short paths."""
+    return settings.datacenter if link.rtt_ms < LAN_RTT_MS else settings.wan
 
 
-def make_decoder(settings: CodecSettings, description: Any) -> Any:
-    raise MigrationError("encoded mode is not available yet")
+class ChannelEncoder:
+    def __init__(self, settings: CodecSettings, link: LinkSample) -> None:
+        self.config = PageCodecConfig(page_size=PAGE_SIZE, cache_bytes=settings.cache_mib << 20,
+                                      compression=compression_for(settings, link))
+        self.encoder = StreamEncoder(self.config)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return self.encoder.feed(data)
+
+    def flush(self) -> list[bytes]:
+        return self.encoder.flush()
+
+    def finish(self) -> list[bytes]:
+        return self.encoder.finish()
+
+    def describe(self) -> dict[str, Any]:
+        return {"session_header": self.encoder.session_header.hex(),
+                "page_size": self.config.page_size, "cache_bytes": self.config.cache_bytes,
+                "compression": f"{self.encoder.compression.codec}:"
+                               f"{self.encoder.compression.level}"}
+
+    def iterations(self) -> int:
+        return len(self.encoder.stats.iterations)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bytes_in": self.encoder.bytes_in,
+                               "bytes_out": self.encoder.bytes_out,
+                               "compression": self.describe()["compression"],
+                               **self.encoder.stats.as_dict()}
+        return out
+
+
+class ChannelDecoder:
+    def __init__(self, settings: CodecSettings, description: Any) -> None:
+        if not isinstance(description, dict):
+            raise MigrationError("OPEN for an encoded channel lacks the codec description")
+        try:
+            header = bytes.fromhex(str(description["session_header"]))
+            page_size = int(description["page_size"])
+            cache_bytes = int(description["cache_bytes"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MigrationError(f"OPEN has a malformed codec description: {exc}") from exc
+        limit = settings.cache_mib << 20
+        if cache_bytes > limit:
+            raise MigrationError(f"the source asks for a {cache_bytes >> 20} MiB page cache; "
+                                 f"this agent allows {settings.cache_mib} MiB (codec.cache_mib)")
+        self.decoder = StreamDecoder(PageCodecConfig(page_size=page_size,
+                                                     cache_bytes=cache_bytes))
+        self.decoder.accept_session_header(header)
+
+    def decode(self, batch: bytes) -> bytes:
+        return self.decoder.decode(batch)
+
+
+def make_encoder(settings: CodecSettings, link: LinkSample) -> ChannelEncoder:
+    return ChannelEncoder(settings, link)
+
+
+def make_decoder(settings: CodecSettings, description: Any) -> ChannelDecoder:
+    return ChannelDecoder(settings, description)

@@ -261,7 +261,8 @@ def load_config(path: Path) -> AgentConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        detail = " ".join(str(exc).split())  # one line: YAML's message spans several
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from exc
     try:
         return parse_config(data, path)
     except ConfigError as exc:

@@ -220,7 +220,10 @@ class Agent:
                 peer_name=peer.name, config=self.transport)
             connect_s = time.monotonic() - started
             stats = session.stats()
-            link = LinkSample(rtt_ms=stats.min_rtt_ms or stats.tcp_rtt_ms or connect_s * 1000)
+            # The kernel's RTT of the fresh connections; the handshake time only as a fallback
+            # (it holds TLS and the first connections' setup, so it overestimates).
+            samples = [r for r in (stats.tcp_rtt_ms, stats.min_rtt_ms) if r]
+            link = LinkSample(rtt_ms=min(samples) if samples else connect_s * 1000)
             mode, reason = choose_data_mode(self.config.codec.mode, link)
             if index == 0:
                 mig.record.mode, mig.record.mode_reason = mode, reason
@@ -251,6 +254,8 @@ class Agent:
             await session.close()
             if encoder is not None:
                 mig.record.codec[str(index)] = encoder.stats()
+                if index == 0:
+                    mig.record.iterations = encoder.iterations()
         except (Exception, asyncio.CancelledError) as exc:
             error = _describe(exc, f"carrying the migration to {peer.name}")
             if session is not None:

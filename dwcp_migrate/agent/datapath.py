@@ -31,6 +31,7 @@ from dwcp_migrate.errors import MigrationError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024  # per read from QEMU: big reads keep per-call overhead low
+IDLE_FLUSH_S = 0.002  # QEMU sent nothing for this long: flush the encoder's partial batch
 
 
 class Session(Protocol):
@@ -46,6 +47,7 @@ class ChunkEncoder(Protocol):
     """Turns raw QEMU stream chunks into encoded batches (see dwcp_migrate.codec)."""
 
     def feed(self, data: bytes) -> list[bytes]: ...
+    def flush(self) -> list[bytes]: ...
     def finish(self) -> list[bytes]: ...
 
 
@@ -93,9 +95,23 @@ async def qemu_to_session(reader: asyncio.StreamReader, session: Session,
                           run_encoder: Callable[[Callable[[], list[bytes]]],
                                                 asyncio.Future[list[bytes]]] | None = None
                           ) -> None:
-    """Source side upstream. Ends with an EOF message when QEMU closes its stream."""
+    """Source side upstream. Ends with an EOF message when QEMU closes its stream.
+
+    The encoder fills batches while QEMU streams; when QEMU pauses (nothing to read for
+    ``IDLE_FLUSH_S``) whatever is pending is flushed at once. Without that, a small message
+    QEMU waits on an answer for (a return-path PING, the switchover handshake) would sit in
+    a half-full batch forever.
+    """
     while True:
-        chunk = await reader.read(READ_SIZE)
+        if encoder is None:
+            chunk = await reader.read(READ_SIZE)
+        else:
+            try:
+                chunk = await asyncio.wait_for(reader.read(READ_SIZE), IDLE_FLUSH_S)
+            except TimeoutError:
+                for batch in await _encode(encoder, b"", run_encoder, flush=True):
+                    await send_message(session, counters, MessageType.BATCH, batch)
+                chunk = await reader.read(READ_SIZE)
         if not chunk:
             break
         counters.bytes_from_qemu += len(chunk)
@@ -112,9 +128,11 @@ async def qemu_to_session(reader: asyncio.StreamReader, session: Session,
 
 
 async def _encode(encoder: ChunkEncoder, chunk: bytes | None,
-                  run: Callable[[Callable[[], list[bytes]]], asyncio.Future[list[bytes]]] | None
-                  ) -> list[bytes]:
+                  run: Callable[[Callable[[], list[bytes]]], asyncio.Future[list[bytes]]] | None,
+                  *, flush: bool = False) -> list[bytes]:
     def work() -> list[bytes]:
+        if flush:
+            return encoder.flush()
         return encoder.feed(chunk) if chunk is not None else encoder.finish()
     if run is None:
         return work()

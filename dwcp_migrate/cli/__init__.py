@@ -11,6 +11,7 @@ from dwcp_migrate import __version__
 from dwcp_migrate.cli.agent_cmds import agent, config, status
 from dwcp_migrate.cli.hooks_cmd import hooks
 from dwcp_migrate.cli.migrate_cmd import migrate
+from dwcp_migrate.cli.stream_cmds import stream
 from dwcp_migrate.cli.testbed_cmds import demo, testbed
 from dwcp_migrate.errors import DwcpError
 
@@ -36,6 +37,7 @@ cli.add_command(status)
 cli.add_command(config)
 cli.add_command(demo)
 cli.add_command(testbed)
+cli.add_command(stream)
 
 
 def main() -> None:

@@ -130,11 +130,7 @@ def run_migration(
     On failure or timeout the migration is cancelled, the source keeps running, and
     :class:`MigrationError` says why.
     """
-    for vm in (src, dst):
-        vm.set_migration(capabilities=capabilities)
-    dst_params = {k: v for k, v in (parameters or {}).items() if k.startswith("multifd")}
-    if dst_params:
-        dst.set_migration(parameters=dst_params)
+    src.set_migration(capabilities=capabilities)  # dst: see prepare_incoming
     params = dict(parameters or {})
     wanted_downtime = int(params.get("downtime-limit", 300))
     if min_iterations > 1:
@@ -168,6 +164,19 @@ def run_migration(
                              f"{outcome.error or 'no reason given by QEMU'}")
     wait_incoming_complete(dst, timeout_s=60)
     return outcome
+
+
+def prepare_incoming(dst: GuestVM, uri: str, *, capabilities: Mapping[str, bool] | None = None,
+                     parameters: Mapping[str, Any] | None = None) -> None:
+    """Configure a destination started with ``-incoming defer`` and let it listen on ``uri``.
+
+    Capabilities such as multifd must be set before the incoming side starts listening.
+    """
+    dst.set_migration(capabilities=capabilities)
+    multifd = {k: v for k, v in (parameters or {}).items() if k.startswith("multifd")}
+    if multifd:
+        dst.set_migration(parameters=multifd)
+    dst.qmp("migrate-incoming", uri=uri)
 
 
 def wait_incoming_complete(dst: GuestVM, timeout_s: float) -> None:

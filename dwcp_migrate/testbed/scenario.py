@@ -20,6 +20,7 @@ from dwcp_migrate.testbed.migration import (
     MigrationOutcome,
     ProgressCallback,
     compare_guest_ram,
+    prepare_incoming,
     run_migration,
 )
 from dwcp_migrate.testbed.qemu import GuestVM, QemuBinary
@@ -71,14 +72,17 @@ def boot_source(bed: TestBed, host: str, setup: GuestSetup, name: str = "src") -
 
 
 def start_destination(bed: TestBed, host: str, setup: GuestSetup, incoming: str,
-                      name: str = "dst") -> GuestVM:
+                      name: str = "dst", *, capabilities: Mapping[str, bool] | None = None,
+                      parameters: Mapping[str, Any] | None = None) -> GuestVM:
+    """A paused destination (``-S``) listening on ``incoming`` with these capabilities."""
     images = build_guests(build_dir())
     assert bed.reaper is not None
     vm = GuestVM(bed.reaper, name, bed.workdir, memory_mib=setup.memory_mib,
                  boot_args=guest_boot_args(setup.kind, images, setup.workload),
-                 binary=setup.binary, netns=bed.host(host).netns, incoming=incoming,
+                 binary=setup.binary, netns=bed.host(host).netns, incoming="defer",
                  paused=True)
     vm.start()
+    prepare_incoming(vm, incoming, capabilities=capabilities, parameters=parameters)
     return vm
 
 
@@ -114,7 +118,8 @@ def plain_migration(
     src = boot_source(bed, src_host, setup)
     address = bed.address(dst_host, link)
     uri = f"tcp:{address}:{MIGRATION_PORT}"
-    dst = start_destination(bed, dst_host, setup, uri)
+    dst = start_destination(bed, dst_host, setup, uri, capabilities=capabilities,
+                            parameters=parameters)
     started = time.monotonic()
     outcome = run_migration(src, dst, uri, capabilities=capabilities, parameters=parameters,
                             min_iterations=min_iterations, timeout_s=timeout_s,
@@ -150,7 +155,8 @@ def agent_migration(
     ``during`` runs once the migration has started (to inject failures).
     """
     src = boot_source(bed, src_host, setup)
-    dst = start_destination(bed, dst_host, setup, f"unix:{dst_socket}")
+    dst = start_destination(bed, dst_host, setup, f"unix:{dst_socket}",
+                            capabilities=capabilities, parameters=parameters)
     started = time.monotonic()
     hook = on_progress
     if during is not None:

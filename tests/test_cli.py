@@ -31,11 +31,22 @@ def test_demo_migrates_and_verifies(leak_check: None) -> None:
     # A small guest over a short WAN: the same code path as the README's main command.
     res = subprocess.run(
         [DWCP, "demo", "--memory", "256", "--working-set", "64", "--rtt", "10",
-         "--rate", "500"],
-        capture_output=True, text=True, check=False, timeout=300)
+         "--rate", "500", "--plain", "direct"],
+        capture_output=True, text=True, check=False, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "runs plain QEMU" in res.stdout
-    row = next(line for line in res.stdout.splitlines() if line.startswith("| plain QEMU"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[5] == "yes" and cells[6] == "yes", row  # RAM identical, guest verified
-    assert "RAM identical (256 MiB)" in res.stdout
+    rows = {}
+    for line in res.stdout.splitlines():
+        if line.startswith("| wan |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[1]] = cells
+    assert set(rows) == {"plain QEMU direct", "dwcp"}, res.stdout
+    for cells in rows.values():
+        assert cells[2] == "completed" and cells[8] == "yes" and cells[9] == "yes", cells
+    assert "data path: encode" in rows["dwcp"][10]
+    assert "against plain QEMU direct" in res.stdout
+
+
+def test_demo_rejects_unknown_plain_configuration(root: None) -> None:
+    res = subprocess.run([DWCP, "demo", "--plain", "fast"], capture_output=True, text=True,
+                         check=False)
+    assert res.returncode == 2 and "unknown plain configuration" in res.stderr

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dwcp_migrate.transports.acceptor import SessionTable
 from dwcp_migrate.transports.errors import (
     AuthenticationError,
     BadMagicError,
@@ -52,7 +53,6 @@ from dwcp_migrate.transports.session import (
     SessionConfig,
     SessionEnded,
     SessionState,
-    SessionTable,
 )
 
 
@@ -339,12 +339,12 @@ def test_bad_headers_are_named() -> None:
         reader.feed(b"GET / HTTP/1.1\r\nHost: example.org\r\nAccept: */*\r\n\r\n")
     frame = bytearray(encode_frame(FrameType.DATA, 0, 1, 0, b"abc"))
     frame[4] = 2
-    with pytest.raises(VersionMismatchError, match="version 2.*version 1"):
+    with pytest.raises(VersionMismatchError, match=r"version 2.*version 1"):
         FrameReader(1024).feed(_recrc(bytes(frame)))
-    with pytest.raises(ChecksumError, match="header failed.*another version"):
+    with pytest.raises(ChecksumError, match=r"header failed.*another version"):
         FrameReader(1024).feed(bytes(frame))  # a flipped version byte is corruption
-    big = encode_header(FrameType.DATA, 0, 1, 0, b"x" * 2048)
-    with pytest.raises(FrameTooLargeError, match="2048-byte frame"):
+    big = encode_header(FrameType.DATA, 0, 1, 0, b"x" * 20000)
+    with pytest.raises(FrameTooLargeError, match="20000-byte frame"):
         FrameReader(1024).feed(big)  # refused from the header alone: nothing allocated
     with pytest.raises(ChecksumError):
         FrameReader(1024).feed(encode_frame(FrameType.DATA, 0, 1, 0, b"abc")[:-1] + b"d")
@@ -569,7 +569,8 @@ def _open_pair() -> tuple[Session, Session, int]:
     (encode_frame(FrameType.DATA, 0, 0, 0, b"x"), HandshakeError, "frame of session 0x0"),
     (None, SequenceError, "beyond the receive window"),
     (encode_frame(FrameType.HELLO, 0, 0, 0, b""), HandshakeError, "already has one"),
-    (encode_header(FrameType.DATA, 0, 0, 0, b"x" * 2048), FrameTooLargeError, "2048-byte"),
+    (encode_frame(FrameType.DATA, 0, 0, 0, b"x" * 2048), FrameTooLargeError,
+     "2048-byte DATA frame"),
 ])
 def test_misbehaving_peer_fails_the_session_with_a_named_error(
         frame: bytes | None, error: type[Exception], text: str) -> None:
@@ -601,7 +602,7 @@ def _recrc(frame: bytes) -> bytes:
 
 
 def test_garbage_or_corruption_costs_only_the_connection() -> None:
-    ini, acc, cid = _open_pair()
+    _, acc, cid = _open_pair()
     acc.receive_data(cid, b"\x16\x03\x01\x02\x00\x01\x00\x01" * 8, 0.02)  # a TLS hello
     assert acc.state is SessionState.OPEN
     dropped = [e for e in acc.events() if isinstance(e, ConnectionDropped)]

@@ -9,7 +9,8 @@ Every frame is a 40-byte header and a payload (all integers big-endian)::
          6     2  flags        Flag bits (per type); bit 15 XXH3: see payload_sum
          8     8  session_id   random, chosen by the initiator
         16     8  seq          DATA: byte offset of the payload in the stream; FIN: final offset
-        24     4  length       payload bytes (at most the receiver's announced max_payload)
+        24     4  length       payload bytes (DATA: at most the receiver's max_payload;
+                               other types: at most CONTROL_LIMIT, 8 KiB)
         28     8  payload_sum  XXH3-64 of the payload if flag XXH3, else its zlib CRC-32
         36     4  header_crc   zlib CRC-32 of header bytes 0..35
 
@@ -40,7 +41,9 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +65,7 @@ MAGIC = b"AMST"
 VERSION = 1
 HEADER_SIZE = 40
 MAX_PAYLOAD_LIMIT = 16 * 1024 * 1024  # the protocol's hard cap; sessions announce less
+CONTROL_LIMIT = 8192  # control frames (HELLO, ERROR, ...) may be this long whatever max_payload
 _PREFIX = struct.Struct("!4sBBHQQIQ")  # header bytes 0..35, covered by the header CRC
 _CRC = struct.Struct("!I")
 _HEADER = struct.Struct("!4sBBHQQIQI")
@@ -254,6 +258,42 @@ def decode_error(payload: Bytes) -> tuple[int, str]:
 
 
 # ---- reading ------------------------------------------------------------------------------
+class BufferPool:
+    """Payload buffers of ``size`` bytes, reused once the application has let go of them.
+
+    Why: with a new 1 MiB bytearray per frame, glibc serves each from fresh pages (large
+    blocks come from mmap, or from a heap top it trims again), so every frame paid about 256
+    page faults: at LAN rates that was a third of the receiver's CPU. Payloads are handed to
+    the application without a copy (a memoryview of a pooled buffer), so only the
+    application knows when one is free; CPython frees an object with its last reference, so a
+    buffer whose reference count shows no one but the pool (no memoryview of it alive, no
+    other holder) is free to fill again.
+    """
+
+    SMALL = 64 * 1024  # smaller payloads come from malloc's heap, which is cheap
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        self._lent: deque[bytearray] = deque()
+
+    def take(self, n: int) -> memoryview:
+        if n > self.size or n < self.SMALL:
+            return memoryview(bytearray(n))
+        lent = self._lent
+        # The oldest first (applications read in order); all of them if need be: a busy
+        # receiver may hold most of its window in unread frames, and a check costs ~50 ns.
+        for _ in range(len(lent)):
+            buf = lent[0]
+            lent.rotate(-1)
+            if sys.getrefcount(buf) == 3:  # the deque, ``buf`` and getrefcount's argument
+                return memoryview(buf)[:n]
+        buf = bytearray(self.size)
+        if len(lent) < self.limit:
+            lent.append(buf)
+        return memoryview(buf)[:n]
+
+
 class FrameReader:
     """Reassembles frames from a byte stream; see the module docstring for the buffer protocol.
 
@@ -265,16 +305,18 @@ class FrameReader:
     """
 
     def __init__(self, max_payload: int, peer: str | None = None,
-                 staging_size: int = 64 * 1024) -> None:
+                 staging_size: int = 64 * 1024, pool: BufferPool | None = None) -> None:
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
             raise ValueError(f"max_payload must be within 1..{MAX_PAYLOAD_LIMIT}")
         self.max_payload = max_payload
+        self.limit = max(max_payload, CONTROL_LIMIT)  # DATA is held to max_payload by the session
         self.peer = peer
+        self.pool = pool
         self._staging = bytearray(max(staging_size, 2 * HEADER_SIZE))
         self._staging_mv = memoryview(self._staging)
         self._fill = 0  # bytes of staging holding data not yet parsed (always from 0)
         # A frame whose payload is being read straight into its own buffer:
-        self._payload: bytearray | None = None
+        self._payload: memoryview | None = None
         self._payload_mv = memoryview(b"")
         self._payload_fill = 0
         self._header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
@@ -333,9 +375,9 @@ class FrameReader:
             raise VersionMismatchError(f"speaks AMST protocol version {version}, this agent "
                                        f"speaks version {VERSION}: upgrade the older agent",
                                        peer=self.peer)
-        if length > self.max_payload:
+        if length > self.limit:
             raise FrameTooLargeError(f"announced a {length}-byte frame, more than the "
-                                     f"{self.max_payload} bytes this agent accepts",
+                                     f"{self.limit} bytes this agent accepts",
                                      peer=self.peer)
 
     def _parse_staging(self) -> list[Frame]:
@@ -355,8 +397,9 @@ class FrameReader:
                 pos = end
                 continue
             # A frame longer than what is here: read the rest of it straight into its buffer.
-            self._payload = bytearray(length)
-            self._payload_mv = memoryview(self._payload)
+            self._payload = self.pool.take(length) if self.pool else \
+                memoryview(bytearray(length))
+            self._payload_mv = self._payload
             have = fill - pos - HEADER_SIZE
             self._payload_mv[:have] = self._staging_mv[pos + HEADER_SIZE:fill]
             self._payload_fill = have

@@ -14,10 +14,10 @@ Like h11 and aioquic, a :class:`Session` is a state machine fed with bytes and t
 
 Connections. The initiator opens every connection and sends HELLO (session id, role, index,
 capabilities, a timestamp, its limits and the session's secret token, which the initiator draws
-at random). The acceptor's :class:`SessionTable` matches a HELLO to its session by id and token
-(or creates the session if the HELLO may) and answers WELCOME, which echoes the timestamp: an
-RTT sample. A broken connection's unacknowledged frames are queued again and sent on the
-others; the initiator's driver opens a replacement that joins with the token.
+at random). The acceptor's ``SessionTable`` (:mod:`.acceptor`) matches a HELLO to its session
+by id and token (or creates the session if the HELLO may) and answers WELCOME, which echoes the
+timestamp: an RTT sample. A broken connection's unacknowledged frames are queued again and sent
+on the others; the initiator's driver opens a replacement that joins with the token.
 
 Close. ``finish`` queues a FIN after the data. A side is *done* when its FIN is acknowledged
 (ACK with FIN_ACK: everything delivered) and the peer's FIN and all data before it arrived.
@@ -34,18 +34,17 @@ import enum
 import hmac
 import secrets
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dwcp_migrate.transports.errors import (
     AuthenticationError,
     ConnectError,
+    FrameTooLargeError,
     HandshakeError,
     PeerError,
     ProtocolError,
     SessionClosedError,
     TransportError,
-    UnknownSessionError,
     VersionMismatchError,
 )
 from dwcp_migrate.transports.flow import RecvStream, SendStream
@@ -54,6 +53,7 @@ from dwcp_migrate.transports.frames import (
     MAX_PAYLOAD_LIMIT,
     TOKEN_SIZE,
     AckInfo,
+    BufferPool,
     Bytes,
     Capability,
     ErrorCode,
@@ -200,7 +200,7 @@ def _ns(now: float) -> int:
 
 class Session:
     """One session; see the module docstring. Create initiators directly, acceptors through
-    :class:`SessionTable`."""
+    ``acceptor.SessionTable``."""
 
     def __init__(self, role: Role, config: SessionConfig, *, local_name: str, now: float,
                  session_id: int | None = None, token: bytes | None = None,
@@ -219,6 +219,7 @@ class Session:
         self.send = SendStream(self.session_id, config.send_window, config.max_payload)
         self.recv = RecvStream(config.recv_window)
         self._conns: dict[int, _Conn] = {}
+        self._pool = BufferPool(config.max_payload, config.recv_window // config.max_payload + 8)
         self._next_cid = 0
         self._events: list[Event] = []
         self._ack_due: float | None = None
@@ -257,7 +258,7 @@ class Session:
         if cid > 0xFFFF:
             raise TransportError("connection index space exhausted", peer=self.peer)
         self._next_cid += 1
-        conn = _Conn(cid, FrameReader(self.config.max_payload), now, label)
+        conn = _Conn(cid, FrameReader(self.config.max_payload, pool=self._pool), now, label)
         conn.reader.peer = self._conn_peer(conn)
         flags = Flag.NEW_SESSION if self.state is SessionState.CONNECTING else Flag.NONE
         hello = Hello(Role.INITIATOR, cid, LOCAL_CAPABILITIES, _ns(now), 0,
@@ -268,7 +269,7 @@ class Session:
         self._conns[cid] = conn
         return cid
 
-    def _accept_connection(self, hello: Hello, reader: FrameReader, now: float,
+    def accept_connection(self, hello: Hello, reader: FrameReader, now: float,
                            label: str | None) -> int:
         cid = hello.conn_index
         old = self._conns.get(cid)
@@ -281,6 +282,7 @@ class Session:
         self.peer_name = hello.name
         conn = _Conn(cid, reader, now, label)
         reader.peer = self._conn_peer(conn)
+        reader.pool = self._pool
         welcome = Hello(Role.ACCEPTOR, cid, LOCAL_CAPABILITIES, _ns(now), hello.timestamp_ns,
                         self.config.max_payload, self.config.recv_window, self.token,
                         self.local_name)
@@ -294,6 +296,16 @@ class Session:
         """Initiator, closing: every connection broke before the close was confirmed."""
         return self.role is Role.INITIATOR and self.state is SessionState.CLOSING and \
             not self._close_confirmed and not self._live_conns()
+
+    def apply_peer_limits(self, hello: Hello) -> None:
+        """What the peer's first HELLO/WELCOME announced: frame size, window, checksums."""
+        self.send.max_payload = min(self.send.max_payload, hello.max_payload)
+        self.send.peer_limit = hello.recv_window
+        self.send.data_flags = _data_flags(hello.capabilities)
+
+    def note_established(self) -> None:
+        """Acceptor: report Established first (the session was just created from a HELLO)."""
+        self._events.insert(0, Established())
 
     def _conn_opened(self, conn: _Conn, now: float) -> None:
         conn.state = ConnState.OPEN
@@ -357,16 +369,22 @@ class Session:
             return memoryview(bytearray(4096))  # a late read on a dropped connection: discard
         return conn.reader.get_buffer()
 
-    def buffer_updated(self, cid: int, nbytes: int, now: float) -> None:
+    def buffer_updated(self, cid: int, nbytes: int, now: float) -> bool:
         """``nbytes`` arrived in the buffer from :meth:`get_buffer`. Errors become events:
-        a corrupted frame drops the connection, any other protocol error fails the session."""
+        a corrupted frame drops the connection, any other protocol error fails the session.
+
+        Returns False when nothing but bytes happened (part of a frame arrived): the driver
+        can skip its work then, which at LAN rates is most calls.
+        """
         conn = self._conns.get(cid)
         if conn is None or conn.state is ConnState.CLOSED:
-            return
+            return False
         conn.bytes_in += nbytes
+        conn.last_rx = now
         try:
             frames = conn.reader.buffer_updated(nbytes)
-            conn.last_rx = now
+            if not frames:
+                return False
             for frame in frames:
                 self._on_frame(conn, frame, now)
                 if cid not in self._conns or self.state is SessionState.FAILED:
@@ -375,6 +393,7 @@ class Session:
             self._protocol_error(conn, exc, now)
         except AuthenticationError as exc:
             self._fail(exc, ErrorCode.BAD_TOKEN)
+        return True
 
     def receive_data(self, cid: int, data: Bytes, now: float) -> None:
         """Copying convenience around :meth:`get_buffer` / :meth:`buffer_updated`."""
@@ -457,6 +476,9 @@ class Session:
 
     def _on_data(self, conn: _Conn, frame: Frame, now: float, peer: str | None) -> None:
         self._require_open(conn, "DATA", peer)
+        if frame.length > self.config.max_payload:
+            raise FrameTooLargeError(f"sent a {frame.length}-byte DATA frame, more than the "
+                                     f"{self.config.max_payload} bytes announced", peer=peer)
         recv = self.recv
         if recv.on_data(frame.seq, frame.payload, peer):
             if recv.delivered - self._acked_sent >= self.config.ack_every:
@@ -486,9 +508,7 @@ class Session:
             c.reader.peer = self._conn_peer(c)
         self._rtt_sample(conn, now - hello.echo_ns / 1e9)
         if self.state is SessionState.CONNECTING:
-            self.send.max_payload = min(self.send.max_payload, hello.max_payload)
-            self.send.peer_limit = hello.recv_window
-            self.send.data_flags = _data_flags(hello.capabilities)
+            self.apply_peer_limits(hello)
             self.state = SessionState.OPEN
             self._events.append(Established())
         self._conn_opened(conn, now)
@@ -726,87 +746,3 @@ class Session:
             corrupt_frames=self.corrupt_frames,
             srtt_ms=None if self._srtt is None else self._srtt * 1e3,
             min_rtt_ms=None if self._min_rtt is None else self._min_rtt * 1e3)
-
-
-class SessionTable:
-    """The acceptor's sessions by id: the server side of the handshake, without I/O.
-
-    A server driver reads the first frame of each accepted connection with its own
-    :class:`FrameReader`, then hands frame and reader to :meth:`accept`.
-    """
-
-    def __init__(self, config: SessionConfig, local_name: str,
-                 allowed_peers: Iterable[str] | None = None) -> None:
-        self.config = config
-        self.local_name = local_name
-        self.allowed_peers = None if allowed_peers is None else frozenset(allowed_peers)
-        self.sessions: dict[int, Session] = {}
-
-    def new_reader(self, label: str | None) -> FrameReader:
-        return FrameReader(self.config.max_payload, peer=label)
-
-    def accept(self, frame: Frame, reader: FrameReader, now: float,
-               label: str | None = None, verified_names: Iterable[str] | None = None
-               ) -> tuple[Session, int, bool]:
-        """Match a HELLO to its session: (session, connection id, whether it is new).
-
-        ``verified_names``: the names the peer's TLS certificate proves; the HELLO's agent
-        name must be one of them. Raises HandshakeError or AuthenticationError; send
-        :meth:`refusal` for it before closing the connection.
-        """
-        if frame.type != FrameType.HELLO:
-            raise HandshakeError(f"opened a connection with frame type {frame.type}, not HELLO",
-                                 peer=label)
-        hello = Hello.decode(frame.payload, label)
-        if hello.role is not Role.INITIATOR:
-            raise HandshakeError(f"sent a HELLO as {hello.role.name}", peer=label)
-        if not hello.capabilities & Capability.CRC32:
-            raise HandshakeError("does not checksum its frames (no CRC32 capability)",
-                                 peer=label)
-        who = f"{hello.name} ({label})" if label else hello.name
-        if verified_names is not None and hello.name not in set(verified_names):
-            raise AuthenticationError(f"says it is agent {hello.name!r} but its certificate is "
-                                      f"for {sorted(set(verified_names))}", peer=label)
-        if self.allowed_peers is not None and hello.name not in self.allowed_peers:
-            raise AuthenticationError(f"agent {hello.name!r} is not an allowed peer", peer=who)
-        session = self.sessions.get(frame.session_id)
-        if session is not None:
-            if not hmac.compare_digest(hello.token, session.token):
-                raise AuthenticationError(f"tried to join session {frame.session_id:#x} with a "
-                                          f"wrong token", peer=who)
-            if session.state in (SessionState.CLOSED, SessionState.FAILED):
-                raise SessionClosedError(f"tried to join session {frame.session_id:#x}, which "
-                                         f"is {session.state.value}", peer=who)
-            return session, session._accept_connection(hello, reader, now, label), False
-        if not frame.flags & Flag.NEW_SESSION:
-            raise UnknownSessionError(f"tried to join session {frame.session_id:#x}, which this "
-                                      f"agent does not have (restarted, or the session ended)",
-                                      peer=who)
-        if len(hello.token) != TOKEN_SIZE or not any(hello.token):
-            raise HandshakeError("sent an empty session token", peer=who)
-        session = Session(Role.ACCEPTOR, self.config, local_name=self.local_name, now=now,
-                          session_id=frame.session_id, token=hello.token, peer=label)
-        session.send.max_payload = min(session.send.max_payload, hello.max_payload)
-        session.send.peer_limit = hello.recv_window
-        session.send.data_flags = _data_flags(hello.capabilities)
-        cid = session._accept_connection(hello, reader, now, label)
-        self.sessions[frame.session_id] = session
-        session._events.insert(0, Established())
-        return session, cid, True
-
-    def forget(self, session: Session) -> None:
-        self.sessions.pop(session.session_id, None)
-
-    @staticmethod
-    def refusal(exc: TransportError, session_id: int = 0) -> bytes:
-        """The ERROR frame that tells a refused peer why."""
-        if isinstance(exc, SessionClosedError):
-            code = ErrorCode.CLOSED if "closed" in str(exc) else ErrorCode.REFUSED
-        elif isinstance(exc, UnknownSessionError):
-            code = ErrorCode.UNKNOWN_SESSION
-        elif isinstance(exc, AuthenticationError):
-            code = ErrorCode.REFUSED
-        else:
-            code = ErrorCode.VERSION if isinstance(exc, VersionMismatchError) \
-                else ErrorCode.PROTOCOL
-        return encode_frame(FrameType.ERROR, 0, session_id, 0, encode_error(code, str(exc)))

@@ -8,6 +8,8 @@ make this host allocate unbounded memory).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from dwcp_migrate.agent.config import CodecSettings
@@ -29,15 +31,23 @@ class ChannelEncoder:
         self.config = PageCodecConfig(page_size=PAGE_SIZE, cache_bytes=settings.cache_mib << 20,
                                       compression=compression_for(settings, link))
         self.encoder = StreamEncoder(self.config)
+        self.cpu_s = 0.0  # thread CPU spent encoding (for the record and for tuning)
+
+    def _timed(self, work: Callable[[], list[bytes]]) -> list[bytes]:
+        started = time.thread_time()
+        try:
+            return work()
+        finally:
+            self.cpu_s += time.thread_time() - started
 
     def feed(self, data: bytes) -> list[bytes]:
-        return self.encoder.feed(data)
+        return self._timed(lambda: self.encoder.feed(data))
 
     def flush(self) -> list[bytes]:
-        return self.encoder.flush()
+        return self._timed(self.encoder.flush)
 
     def finish(self) -> list[bytes]:
-        return self.encoder.finish()
+        return self._timed(self.encoder.finish)
 
     def describe(self) -> dict[str, Any]:
         return {"session_header": self.encoder.session_header.hex(),
@@ -51,6 +61,8 @@ class ChannelEncoder:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"bytes_in": self.encoder.bytes_in,
                                "bytes_out": self.encoder.bytes_out,
+                               "encode_cpu_s": round(self.cpu_s, 3),
+                               "batches": self.encoder.batches,
                                "compression": self.describe()["compression"],
                                **self.encoder.stats.as_dict()}
         return out
@@ -73,9 +85,14 @@ class ChannelDecoder:
         self.decoder = StreamDecoder(PageCodecConfig(page_size=page_size,
                                                      cache_bytes=cache_bytes))
         self.decoder.accept_session_header(header)
+        self.cpu_s = 0.0
 
     def decode(self, batch: bytes) -> bytes:
-        return self.decoder.decode(batch)
+        started = time.thread_time()
+        try:
+            return self.decoder.decode(batch)
+        finally:
+            self.cpu_s += time.thread_time() - started
 
 
 def make_encoder(settings: CodecSettings, link: LinkSample) -> ChannelEncoder:

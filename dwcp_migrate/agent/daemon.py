@@ -236,7 +236,8 @@ class Agent:
                 counters.wire_bytes += len(part)
                 await session.send(part)
             messages = MessageStream(session, peer.name)
-            reply = await asyncio.wait_for(messages.next(), OPEN_TIMEOUT + 10)
+            async with asyncio.timeout(OPEN_TIMEOUT + 10):
+                reply = await messages.next()
             if reply is None or reply.type is MessageType.REFUSE:
                 why = reply.text() if reply is not None else "closed the session"
                 raise MigrationError(f"agent {peer.name} refused the migration: {why}")
@@ -283,7 +284,8 @@ class Agent:
         peer = session.core.peer_name or session.peer
         messages = MessageStream(session, peer)
         try:
-            first = await asyncio.wait_for(messages.next(), OPEN_TIMEOUT)
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                first = await messages.next()
         except (Exception, asyncio.CancelledError) as exc:
             log.warning("session from %s ended before OPEN: %s", peer, exc)
             session.abort("no OPEN")
@@ -339,14 +341,18 @@ class Agent:
             decoder = make_decoder(self.config.codec, request.get("codec")) \
                 if request["mode"] == "encode" else None
             if index > 0:  # keep the order of arrival: QEMU 7.2 relies on it
-                await asyncio.wait_for(mig.event(index - 1).wait(), QEMU_CONNECT_TIMEOUT)
+                async with asyncio.timeout(QEMU_CONNECT_TIMEOUT):
+                    await mig.event(index - 1).wait()
             reader, writer = await _connect_qemu(self.config.outgoing_socket(self.config.name))
             mig.event(index).set()
             for part in encode_json(MessageType.ACCEPT, {"channel": index}):
                 counters.wire_bytes += len(part)
                 await session.send(part)
-            down = asyncio.ensure_future(session_to_qemu(messages, writer, counters, decoder,
-                                                         count_as_return=False))
+            loop = asyncio.get_running_loop()
+            down = asyncio.ensure_future(session_to_qemu(
+                messages, writer, counters, decoder, count_as_return=False,
+                run_decoder=(lambda fn: loop.run_in_executor(None, fn))
+                if decoder is not None else None))
             up = asyncio.ensure_future(qemu_to_session(reader, session, counters, None))
             await run_pumps(down, up, session, messages.peer)
             await session.close()
@@ -354,7 +360,8 @@ class Agent:
             error = _describe(exc, f"delivering the migration from {messages.peer}")
             with contextlib.suppress(Exception):
                 if writer is None:  # nothing reached QEMU: tell the source why
-                    await asyncio.wait_for(session.send(b"".join(_refuse(error))), 2)
+                    async with asyncio.timeout(2):
+                        await session.send(b"".join(_refuse(error)))
             session.abort(error)
         finally:
             if writer is not None:

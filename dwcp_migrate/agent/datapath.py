@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any, Protocol
 
 from dwcp_migrate.agent.channel import (
     ChannelProtocolError,
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024  # per read from QEMU: big reads keep per-call overhead low
 IDLE_FLUSH_S = 0.002  # QEMU sent nothing for this long: flush the encoder's partial batch
+PIPELINE_DEPTH = 8  # items between two stages: bounds memory (~8 MiB) while keeping overlap
 
 
 class Session(Protocol):
@@ -90,86 +92,142 @@ async def send_message(session: Session, counters: ChannelCounters, kind: Messag
         await session.send(part)
 
 
+Executor = Callable[[Callable[[], Any]], "asyncio.Future[Any]"]
+_END = object()  # queue sentinel: the stage before has finished
+
+
+async def _first_error(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run pipeline stages together; the first failure cancels the rest and is raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None
+
+
 async def qemu_to_session(reader: asyncio.StreamReader, session: Session,
                           counters: ChannelCounters, encoder: ChunkEncoder | None,
-                          run_encoder: Callable[[Callable[[], list[bytes]]],
-                                                asyncio.Future[list[bytes]]] | None = None
-                          ) -> None:
+                          run_encoder: Executor | None = None) -> None:
     """Source side upstream. Ends with an EOF message when QEMU closes its stream.
 
-    The encoder fills batches while QEMU streams; when QEMU pauses (nothing to read for
-    ``IDLE_FLUSH_S``) whatever is pending is flushed at once. Without that, a small message
-    QEMU waits on an answer for (a return-path PING, the switchover handshake) would sit in
-    a half-full batch forever.
+    With an encoder, three stages overlap (read from QEMU | encode in a worker thread | send),
+    joined by bounded queues, so neither QEMU nor the network waits for the encoder more
+    than it must. The encoder fills batches while QEMU streams; when QEMU pauses (nothing to
+    read for ``IDLE_FLUSH_S``) whatever is pending is flushed at once. Without that, a small
+    message QEMU waits on an answer for (a return-path PING, the switchover handshake) would
+    sit in a half-full batch forever.
     """
-    while True:
-        if encoder is None:
-            chunk = await reader.read(READ_SIZE)
-        else:
-            try:
-                chunk = await asyncio.wait_for(reader.read(READ_SIZE), IDLE_FLUSH_S)
-            except TimeoutError:
-                for batch in await _encode(encoder, b"", run_encoder, flush=True):
-                    await send_message(session, counters, MessageType.BATCH, batch)
-                chunk = await reader.read(READ_SIZE)
-        if not chunk:
-            break
-        counters.bytes_from_qemu += len(chunk)
-        if encoder is None:
+    if encoder is None:
+        while chunk := await reader.read(READ_SIZE):
+            counters.bytes_from_qemu += len(chunk)
             await send_message(session, counters, MessageType.RAW, chunk)
-            continue
-        batches = await _encode(encoder, chunk, run_encoder)
-        for batch in batches:
-            await send_message(session, counters, MessageType.BATCH, batch)
-    if encoder is not None:
-        for batch in await _encode(encoder, None, run_encoder):
-            await send_message(session, counters, MessageType.BATCH, batch)
-    await send_message(session, counters, MessageType.EOF)
+        await send_message(session, counters, MessageType.EOF)
+        return
+
+    chunks: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+    batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    async def read_stage() -> None:
+        while True:
+            try:
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that
+                # races with the read completing, and a cancelled pipeline would then hang.
+                async with asyncio.timeout(IDLE_FLUSH_S):
+                    chunk = await reader.read(READ_SIZE)
+            except TimeoutError:
+                await chunks.put(None)  # QEMU paused: flush
+                chunk = await reader.read(READ_SIZE)
+            if not chunk:
+                await chunks.put(_END)
+                return
+            counters.bytes_from_qemu += len(chunk)
+            await chunks.put(chunk)
+
+    async def encode_stage() -> None:
+        while True:
+            item = await chunks.get()
+            if item is _END:
+                await batches.put(await _run(encoder.finish, run_encoder))
+                await batches.put(_END)
+                return
+            if item is None:
+                work: Callable[[], list[bytes]] = encoder.flush
+            else:
+                def work(chunk: bytes = item) -> list[bytes]:
+                    return encoder.feed(chunk)
+            out = await _run(work, run_encoder)
+            if out:
+                await batches.put(out)
+
+    async def send_stage() -> None:
+        while (out := await batches.get()) is not _END:
+            for batch in out:
+                await send_message(session, counters, MessageType.BATCH, batch)
+        await send_message(session, counters, MessageType.EOF)
+
+    await _first_error(read_stage(), encode_stage(), send_stage())
 
 
-async def _encode(encoder: ChunkEncoder, chunk: bytes | None,
-                  run: Callable[[Callable[[], list[bytes]]], asyncio.Future[list[bytes]]] | None,
-                  *, flush: bool = False) -> list[bytes]:
-    def work() -> list[bytes]:
-        if flush:
-            return encoder.flush()
-        return encoder.feed(chunk) if chunk is not None else encoder.finish()
-    if run is None:
-        return work()
-    return await run(work)
+async def _run(work: Callable[[], Any], executor: Executor | None) -> Any:
+    return work() if executor is None else await executor(work)
 
 
 async def session_to_qemu(messages: MessageStream, writer: asyncio.StreamWriter,
                           counters: ChannelCounters, decoder: ChunkDecoder | None,
-                          *, count_as_return: bool) -> None:
-    """Messages from the peer into the local QEMU, until the peer's EOF."""
-    while True:
-        msg = await messages.next()
-        if msg is None:
-            raise MigrationError(f"agent {messages.peer} closed the channel without EOF")
-        if msg.type is MessageType.RAW:
-            data = msg.payload
-        elif msg.type is MessageType.BATCH:
-            if decoder is None:
+                          *, count_as_return: bool,
+                          run_decoder: Executor | None = None) -> None:
+    """Messages from the peer into the local QEMU, until the peer's EOF.
+
+    Three stages overlap: receive | decode (one batch at a time, in order, in a worker
+    thread) | write to QEMU. A batch that fails its check is never written.
+    """
+    received: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+    decoded: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+
+    async def receive_stage() -> None:
+        while True:
+            msg = await messages.next()
+            if msg is None:
+                raise MigrationError(f"agent {messages.peer} closed the channel without EOF")
+            if msg.type is MessageType.ABORT:
+                raise RemoteAbortError(f"agent {messages.peer} aborted: {msg.text()}")
+            if msg.type is MessageType.BATCH and decoder is None:
                 raise ChannelProtocolError(f"agent {messages.peer} sent an encoded batch on a "
                                            "channel opened for passthrough")
-            data = decoder.decode(msg.payload)
-        elif msg.type is MessageType.EOF:
-            with contextlib.suppress(OSError):
-                if writer.can_write_eof():
-                    writer.write_eof()
-            return
-        elif msg.type is MessageType.ABORT:
-            raise RemoteAbortError(f"agent {messages.peer} aborted: {msg.text()}")
-        else:
-            raise ChannelProtocolError(f"agent {messages.peer} sent {msg.type.name} in the "
-                                       "middle of a migration")
-        if count_as_return:
-            counters.return_bytes += len(data)
-        else:
-            counters.bytes_to_qemu += len(data)
-        writer.write(data)
-        await writer.drain()
+            if msg.type not in (MessageType.RAW, MessageType.BATCH, MessageType.EOF):
+                raise ChannelProtocolError(f"agent {messages.peer} sent {msg.type.name} in the "
+                                           "middle of a migration")
+            await received.put(msg)
+            if msg.type is MessageType.EOF:
+                return
+
+    async def decode_stage() -> None:
+        while True:
+            msg = await received.get()
+            if msg.type is MessageType.BATCH:
+                assert decoder is not None
+                await decoded.put(await _run(partial(decoder.decode, msg.payload),
+                                             run_decoder))
+            elif msg.type is MessageType.RAW:
+                await decoded.put(msg.payload)
+            else:
+                await decoded.put(_END)
+                return
+
+    async def write_stage() -> None:
+        while (data := await decoded.get()) is not _END:
+            if count_as_return:
+                counters.return_bytes += len(data)
+            else:
+                counters.bytes_to_qemu += len(data)
+            writer.write(data)
+            await writer.drain()
+        with contextlib.suppress(OSError):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+    await _first_error(receive_stage(), decode_stage(), write_stage())
 
 
 async def run_pumps(upstream: asyncio.Task[None], downstream: asyncio.Task[None],
@@ -189,7 +247,8 @@ async def run_pumps(upstream: asyncio.Task[None], downstream: asyncio.Task[None]
     assert exc is not None
     if not isinstance(exc, RemoteAbortError):
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(session.send(b"".join(encode(
-                MessageType.ABORT, str(exc).encode()[:4096]))), 2)
+            async with asyncio.timeout(2):
+                await session.send(b"".join(encode(MessageType.ABORT,
+                                                   str(exc).encode()[:4096])))
     session.abort(str(exc))
     raise exc

@@ -9,6 +9,7 @@ import click
 
 from dwcp_migrate import __version__
 from dwcp_migrate.cli.agent_cmds import agent, config, status
+from dwcp_migrate.cli.certs_cmd import certs
 from dwcp_migrate.cli.hooks_cmd import hooks
 from dwcp_migrate.cli.migrate_cmd import migrate
 from dwcp_migrate.cli.stream_cmds import stream
@@ -33,6 +34,7 @@ def cli(verbose: int) -> None:
 cli.add_command(agent)
 cli.add_command(migrate)
 cli.add_command(hooks)
+cli.add_command(certs)
 cli.add_command(status)
 cli.add_command(config)
 cli.add_command(demo)

@@ -22,6 +22,20 @@ config_option = click.option(
 log = logging.getLogger(__name__)
 
 
+def dump_tasks() -> None:
+    """SIGUSR1: write every asyncio task's and thread's stack to the log (for a stuck agent)."""
+    import faulthandler
+    import io
+    import sys
+
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        out.write(f"--- {task!r}\n")
+        task.print_stack(file=out)
+    log.warning("task dump on SIGUSR1:\n%s", out.getvalue())
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
 @click.command()
 @config_option
 def agent(config_path: Path) -> None:
@@ -39,6 +53,7 @@ def agent(config_path: Path) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         click.echo(f"dwcp agent {config.name} ready", err=True)
         await stop.wait()
         log.info("agent %s stopping", config.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
@@ -16,6 +16,9 @@ from dwcp_migrate.testbed.procs import reap_stale_beds
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise click.ClickException("the test bed creates network namespaces: run as root")
+
+
+PLAIN_CHOICES = {"direct": "PLAIN_DIRECT", "multifd": "PLAIN_MULTIFD", "xbzrle": "PLAIN_XBZRLE"}
 
 
 @click.command()
@@ -33,67 +36,75 @@ def _require_root() -> None:
               help="Rate of the emulated WAN, Mbit/s.")
 @click.option("--loss", type=click.FloatRange(0, 0.5), default=0.0, show_default=True,
               help="Random loss per direction, fraction (0.001 = 0.1%).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(10), default=300,
+@click.option("--plain", "plain", default="direct,multifd", show_default=True,
+              help="Plain QEMU configurations to compare with, comma-separated: "
+                   "direct, multifd (4 channels + zstd), xbzrle; 'none' for dwcp only.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(10), default=180,
               show_default=True, help="Give up on a migration after this many seconds.")
 def demo(guest: str, memory_mib: int, working_set_mib: int, dirty_mib_per_s: float,
-         rtt_ms: float, rate_mbit: float, loss: float, timeout_s: float) -> None:
-    """Live-migrate the test guest between two local test hosts over an emulated WAN.
+         rtt_ms: float, rate_mbit: float, loss: float, plain: str, timeout_s: float) -> None:
+    """Live-migrate the test guest between two local test hosts, plain QEMU against dwcp.
 
-    Builds a two-host bed (network namespaces joined by a userspace WAN emulator), boots the
-    test guest on host a, migrates it to host b, compares the RAM of both at switchover byte
-    for byte, lets the destination run and waits for the guest's own verification.
-
-    The dwcp agent is not built yet: this runs plain QEMU migration only, and says so.
+    Builds a two-host bed (network namespaces joined by a userspace WAN emulator, stock TCP
+    settings), then for each plain QEMU configuration and for dwcp: boots the test guest on
+    host a, migrates it to host b, compares both guests' RAM byte for byte at switchover, lets
+    the destination run and waits for the guest's own memory verification. dwcp runs plain
+    QEMU on both hosts with the stream carried by the two agents (unix sockets, mutual TLS).
     """
     _require_root()
     # Imported here so that `dwcp --help` stays fast and works without the test bed's needs.
-    from dwcp_migrate.testbed.bed import TestBed
+    from dwcp_migrate.testbed import compare
     from dwcp_migrate.testbed.guests import WorkloadSpec
-    from dwcp_migrate.testbed.netns import TcpSettings
-    from dwcp_migrate.testbed.scenario import GuestSetup, format_results, plain_migration
+    from dwcp_migrate.testbed.scenario import GuestSetup
     from dwcp_migrate.testbed.wan import WanSpec
 
+    names = [n.strip() for n in plain.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in PLAIN_CHOICES]
+    if unknown:
+        raise click.BadParameter(f"unknown plain configuration {unknown[0]!r} (choose from "
+                                 f"{', '.join(PLAIN_CHOICES)}, none)", param_hint="--plain")
+    configs = [getattr(compare, PLAIN_CHOICES[n]) for n in names]
     setup = GuestSetup(
         kind="linux" if guest == "linux" else "baremetal",
         memory_mib=memory_mib,
         workload=WorkloadSpec(working_set_mib=working_set_mib, dirty_mib_per_s=dirty_mib_per_s),
     )
     wan = WanSpec.from_rtt(rtt_ms=rtt_ms, rate_mbit=rate_mbit, loss=loss)
-    click.echo("note: the dwcp agent does not exist yet; this demo runs plain QEMU migration "
-               "(direct, one TCP stream) so you can see the baseline dwcp will be measured "
-               "against.")
     click.echo(f"bed: hosts a and b, WAN {rtt_ms:g} ms RTT, {rate_mbit:g} Mbit/s, loss "
                f"{loss:.3%}, stock TCP (cubic, 4 MiB buffers); guest {guest}, "
                f"{memory_mib} MiB RAM, {working_set_mib} MiB working set dirtying "
                f"{dirty_mib_per_s:g} MiB/s")
-
     tty = sys.stdout.isatty()
-    last_print = [0.0]
 
-    def progress(info: Mapping[str, Any]) -> None:
-        # On a terminal, one line updated in place; in a log, one line a second.
-        now = time.monotonic()
-        if not tty and now - last_print[0] < 1.0 and info.get("status") == "active":
-            return
-        last_print[0] = now
-        ram = info.get("ram", {})
-        sent = ram.get("transferred", 0) / 2**20
-        line = (f"  {info.get('status', '?'):>10}  sent {sent:8.1f} MiB  remaining "
-                f"{ram.get('remaining', 0) / 2**20:7.1f} MiB  iteration "
-                f"{ram.get('dirty-sync-count', 0):3}")
-        click.echo(f"\r{line}" if tty else line, nl=not tty)
+    def progress(label: str) -> Callable[[Mapping[str, Any]], None]:
+        last_print = [0.0]
 
-    with TestBed(("a", "b"), wan=wan, tcp=TcpSettings.stock()) as bed:
-        click.echo("booting the guest on host a and filling its working set...")
-        result = plain_migration(bed, setup, link="wan", timeout_s=timeout_s,
-                                 label="plain QEMU, direct", on_progress=progress)
-        if tty:
-            click.echo("")
-    click.echo(format_results([result]))
-    click.echo(f"RAM at switchover: {result.ram_detail}")
-    click.echo(f"guest on host b: {result.verify_detail}")
-    if not result.ok:
-        raise click.ClickException("the migrated guest did not verify (see above)")
+        def show(info: Mapping[str, Any]) -> None:
+            # On a terminal, one line updated in place; in a log, one line a second.
+            now = time.monotonic()
+            if not tty and now - last_print[0] < 1.0 and info.get("status") == "active":
+                return
+            last_print[0] = now
+            ram = info.get("ram", {})
+            sent = ram.get("transferred", 0) / 2**20
+            line = (f"  {label}: {info.get('status', '?'):>10}  QEMU sent {sent:8.1f} MiB  "
+                    f"remaining {ram.get('remaining', 0) / 2**20:7.1f} MiB  iteration "
+                    f"{ram.get('dirty-sync-count', 0):3}")
+            click.echo(f"\r{line}" if tty else line, nl=not tty)
+            if tty and info.get("status") in ("completed", "failed"):
+                click.echo("")
+        return show
+
+    rows = compare.run_comparison("wan", wan, setup, configs, timeout_s=timeout_s,
+                                  say=click.echo, progress=progress)
+    click.echo("")
+    click.echo(compare.format_rows(rows))
+    for line in compare.summarize(rows, timeout_s):
+        click.echo(line)
+    bad = [r for r in rows if r.status == "completed" and not r.ok]
+    if bad or not any(r.label == "dwcp" and r.ok for r in rows):
+        raise click.ClickException("dwcp did not complete with identical RAM and a verified "
+                                   "guest (see the table)")
 
 
 @click.group()

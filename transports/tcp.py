@@ -1,5 +1,8 @@
 """The asyncio driver of AMST sessions over N TCP (or TLS) connections.
 
+Timeouts use ``asyncio.timeout()``, never ``asyncio.wait_for``: on Python 3.11 the latter can
+swallow a cancellation that races with completion, which hung a cancelled agent pipeline.
+
 Thin by design: every protocol decision is in :mod:`.session`. This module owns sockets,
 time and tasks:
 
@@ -514,7 +517,8 @@ class TcpSession:
         core = self.core
         self.finish()
         try:
-            await asyncio.wait_for(self._ended.wait(), self.config.close_timeout)
+            async with asyncio.timeout(self.config.close_timeout):
+                await self._ended.wait()
         except TimeoutError:
             stats = core.stats()
             waiting = []
@@ -614,17 +618,18 @@ async def connect_session(address: tuple[str, int], n_streams: int = 8, *, name:
         try:
             sock.setblocking(False)
             apply_before_connect(sock, config.tcp)
-            await asyncio.wait_for(loop.sock_connect(sock, (host, port)),
-                                   config.connect_timeout)
+            async with asyncio.timeout(config.connect_timeout):
+                await loop.sock_connect(sock, (host, port))
             cid = core.open_connection(loop.time(), label)
             conn = _Conn(session, cid, label)  # owned now: an early refusal is read by the core
             try:
                 if ssl_ctx is None:
                     RawTransport(loop, sock, conn)
                 else:
-                    await asyncio.wait_for(loop.create_connection(
-                        lambda: conn, sock=sock, ssl=ssl_ctx, server_hostname=peer_name,
-                        ssl_handshake_timeout=config.connect_timeout), config.connect_timeout)
+                    async with asyncio.timeout(config.connect_timeout):
+                        await loop.create_connection(
+                            lambda: conn, sock=sock, ssl=ssl_ctx, server_hostname=peer_name,
+                            ssl_handshake_timeout=config.connect_timeout)
             except BaseException:
                 core.connection_lost(cid, loop.time(), "connect failed")
                 session._pump()
@@ -649,7 +654,8 @@ async def connect_session(address: tuple[str, int], n_streams: int = 8, *, name:
         session._end(None)
         raise ConnectError(f"cannot connect: {errors[0]}", peer=label) from errors[0]
     try:
-        await asyncio.wait_for(session.wait_established(), config.session.handshake_timeout)
+        async with asyncio.timeout(config.session.handshake_timeout):
+            await session.wait_established()
     except TimeoutError:
         session.abort("no WELCOME in time")
         raise ConnectError(f"no answer to HELLO within {config.session.handshake_timeout:g} s",

@@ -16,20 +16,20 @@ from dwcp_migrate.agent.config import CodecSettings
 from dwcp_migrate.codec import StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec import Compression, PageCodecConfig
-from dwcp_migrate.policies.datapath import LAN_RTT_MS, LinkSample
+from dwcp_migrate.policies.mode import Mode
 
 PAGE_SIZE = 4096  # x86 target pages; the stream codec refuses a stream of another size
 
 
-def compression_for(settings: CodecSettings, link: LinkSample) -> Compression:
-    """zstd where the link is slow enough to repay it, lz4 on fast short paths."""
-    return settings.datacenter if link.rtt_ms < LAN_RTT_MS else settings.wan
+def compression_for(settings: CodecSettings, mode: Mode) -> Compression:
+    """The WAN setting (zstd) on internet paths, slow enough to repay it; lz4 elsewhere."""
+    return settings.wan if mode is Mode.INTERNET else settings.datacenter
 
 
 class ChannelEncoder:
-    def __init__(self, settings: CodecSettings, link: LinkSample) -> None:
+    def __init__(self, settings: CodecSettings, mode: Mode) -> None:
         self.config = PageCodecConfig(page_size=PAGE_SIZE, cache_bytes=settings.cache_mib << 20,
-                                      compression=compression_for(settings, link))
+                                      compression=compression_for(settings, mode))
         self.encoder = StreamEncoder(self.config)
         self.cpu_s = 0.0  # thread CPU spent encoding (for the record and for tuning)
 
@@ -95,8 +95,8 @@ class ChannelDecoder:
             self.cpu_s += time.thread_time() - started
 
 
-def make_encoder(settings: CodecSettings, link: LinkSample) -> ChannelEncoder:
-    return ChannelEncoder(settings, link)
+def make_encoder(settings: CodecSettings, mode: Mode) -> ChannelEncoder:
+    return ChannelEncoder(settings, mode)
 
 
 def make_decoder(settings: CodecSettings, description: Any) -> ChannelDecoder:

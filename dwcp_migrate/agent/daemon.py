@@ -31,7 +31,12 @@ from dwcp_migrate.agent.datapath import (
 )
 from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
-from dwcp_migrate.policies.datapath import LinkSample, choose_data_mode
+from dwcp_migrate.policies.mode import (
+    ModeTracker,
+    PathSample,
+    choose_data_path,
+    get_mode_policy,
+)
 from dwcp_migrate.transports.adapt import StreamRange
 from dwcp_migrate.transports.sockopts import TcpOptions
 from dwcp_migrate.transports.tcp import (
@@ -89,6 +94,8 @@ class Agent:
         self.refuse_incoming: str | None = None  # set by an operator or a policy
         self._libvirt: Any = None  # LibvirtMigrator, made on first use (imports libvirt)
         self._job_peers: dict[str, str] = {}  # peer -> libvirt job id of its migration
+        self._mode_policy = get_mode_policy("threshold")
+        self._trackers: dict[str, ModeTracker] = {}  # peer -> path mode history
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -223,11 +230,16 @@ class Agent:
             # The kernel's RTT of the fresh connections; the handshake time only as a fallback
             # (it holds TLS and the first connections' setup, so it overestimates).
             samples = [r for r in (stats.tcp_rtt_ms, stats.min_rtt_ms) if r]
-            link = LinkSample(rtt_ms=min(samples) if samples else connect_s * 1000)
-            mode, reason = choose_data_mode(self.config.codec.mode, link)
+            rtt_ms = min(samples) if samples else connect_s * 1000
+            # One tracker per peer: its history and hysteresis span migrations, so one odd
+            # sample does not flip a path between datacenter and internet.
+            tracker = self._trackers.setdefault(peer.name, ModeTracker(self._mode_policy))
+            decision = tracker.add(PathSample(asyncio.get_running_loop().time(), rtt_ms=rtt_ms))
+            mode, reason = choose_data_path(self.config.codec.mode, decision)
             if index == 0:
                 mig.record.mode, mig.record.mode_reason = mode, reason
-            encoder = make_encoder(self.config.codec, link) if mode == "encode" else None
+            encoder = make_encoder(self.config.codec, decision.mode) \
+                if mode == "encode" else None
             open_msg: dict[str, Any] = {
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,

@@ -44,6 +44,7 @@ from dwcp_migrate.transports.errors import (
     SessionClosedError,
     TlsError,
     TransportError,
+    UnknownSessionError,
 )
 from dwcp_migrate.transports.frames import Bytes, Role
 from dwcp_migrate.transports.rawsock import RawTransport
@@ -68,6 +69,8 @@ from dwcp_migrate.transports.sockopts import (
 from dwcp_migrate.transports.tls import TransportSecurity, explain, peer_names
 
 log = logging.getLogger(__name__)
+
+REFUSALS_MEAN_DOWN = 5  # refused reconnects in a row (~1.5 s of backoff): the peer is down
 
 WRITE_SLICE = 512 * 1024  # see _Conn.write_pending
 
@@ -233,6 +236,7 @@ class TcpSession:
         self._adapt_task: asyncio.Task[None] | None = None
         self._lost_since: float | None = None
         self._failures = 0  # connections failed since one last completed its handshake
+        self._refusals = 0  # reconnects refused in a row (nothing listening at the peer)
         self._opened: set[int] = set()
         self._last_conn_error: BaseException | None = None
         self._started = time.monotonic()
@@ -312,14 +316,26 @@ class TcpSession:
             assert self._connect is not None
             try:
                 await self._connect()
-            except TlsError as exc:  # a certificate problem does not go away by retrying
+            except (TlsError, UnknownSessionError) as exc:
+                # Neither goes away by retrying: a certificate problem, or a peer that no
+                # longer knows the session (it restarted and lost its state).
                 self.core.fail(exc)
                 self._pump()
                 return
             except (OSError, TransportError, TimeoutError) as exc:
                 self._failures += 1
+                self._refusals = self._refusals + 1 \
+                    if isinstance(exc, ConnectionRefusedError) else 0
                 self._last_conn_error = exc
                 log.info("reconnecting to %s failed: %s", self.peer, exc)
+                if self._refusals >= REFUSALS_MEAN_DOWN and not self.core.connection_ids():
+                    # Nothing listens there any more: the peer agent is gone, and with it the
+                    # session's state, so waiting out reconnect_timeout cannot help.
+                    self.core.fail(ConnectError(
+                        f"all connections lost and the peer refuses new ones "
+                        f"({self._refusals} times): its agent is not running", peer=self.peer))
+                    self._pump()
+                    return
             if not self.core.connection_ids():
                 now = self.loop.time()
                 self._lost_since = self._lost_since or now
@@ -408,6 +424,7 @@ class TcpSession:
         elif isinstance(ev, ConnectionOpened):
             self._opened.add(ev.cid)
             self._failures = 0
+            self._refusals = 0
         elif isinstance(ev, Established):
             self._established.set()
             self._lost_since = None

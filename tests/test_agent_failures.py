@@ -41,10 +41,15 @@ class Run:
     dst: GuestVM
 
 
-@pytest.fixture
-def run(products: BuildProducts, leak_check: None) -> Iterator[Run]:
+@pytest.fixture(params=["tls"])
+def run(request: pytest.FixtureRequest, products: BuildProducts,
+        leak_check: None) -> Iterator[Run]:
+    # Plaintext (configured explicitly) lets injected damage reach the frame checks; with TLS
+    # its record MAC catches it first. Both must end the same way: never delivered.
+    settings = {"tls": {"plaintext": True}} if request.param == "plaintext" else None
     with TestBed(("a", "b"), wan=WAN, tcp=TcpSettings.stock()) as bed:
-        agents = {h: TestAgent(bed, h) for h in ("a", "b")}  # WAN: the encoded data path
+        agents = {h: TestAgent(bed, h, settings=settings)
+                  for h in ("a", "b")}  # WAN: the encoded data path
         for agent in agents.values():
             agent.start()
         src = boot_source(bed, "a", SETUP)
@@ -141,3 +146,36 @@ def test_connection_reset_is_survived(run: Run) -> None:
 def test_plain_completion_is_identical(run: Run) -> None:
     info = migrate_with(run, None)
     assert_completed_identically(run, info)
+
+
+def _reset_one_connection(r: Run) -> None:
+    """Kill one of the source agent's transport connections (the kernel sends a reset)."""
+    host = r.bed.host("a")
+    peer = r.bed.address("b", "wan")
+    out = host.run(["ss", "-Htn", "state", "established", "dst", peer, "dport", "=", "7480"])
+    ports = sorted(int(line.split()[-2].rsplit(":", 1)[1]) for line in out.stdout.splitlines()
+                   if line.strip())
+    assert len(ports) > 1, out.stdout
+    host.run(["ss", "-K", "dst", peer, "dport", "=", "7480", "sport", "=", str(ports[0])])
+
+
+def test_one_connection_reset_is_survived(run: Run) -> None:
+    info = migrate_with(run, _reset_one_connection)
+    assert_completed_identically(run, info)
+    record = _wait_recent(run.agents["a"])
+    assert record["transport"]["0"]["connections_lost"] >= 1, record["transport"]
+
+
+@pytest.mark.parametrize("run", ["tls", "plaintext"], indirect=True)
+def test_corrupted_frame_is_never_delivered(run: Run) -> None:
+    assert run.bed.wan is not None
+    wan = run.bed.wan
+    info = migrate_with(run, lambda r: wan.corrupt_next())
+    assert wan.counters().ab.corrupted == 1  # the damage really went onto the wire
+    assert_completed_identically(run, info)  # ... and never reached the destination QEMU
+    dst_record = _wait_recent(run.agents["b"])
+    lost = dst_record["transport"]["0"]
+    if run.agents["b"].config_path.read_text().find("plaintext: true") >= 0:
+        assert lost["corrupt_frames"] >= 1, lost  # the frame check caught it
+    else:
+        assert lost["connections_lost"] >= 1, lost  # TLS dropped the damaged connection

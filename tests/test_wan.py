@@ -7,7 +7,9 @@ loss test checks exact packet accounting with a fixed seed, and the rate test a 
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -208,3 +210,31 @@ def test_cut_drops_traffic_and_restores_it(make_bed: MakeBed) -> None:
     assert final is not None
     assert final.ab.drop_cut == 6
     assert final.ab.fwd_pkts == c.ab.fwd_pkts
+
+
+
+def test_corruption_passes_tcp_checks(make_bed: MakeBed) -> None:
+    # The injected damage is invisible to TCP: what arrives differs from what was sent. That
+    # is what makes it a fair test of the transport's own frame checks (test_agent_failures).
+    bed = make_bed(WanSpec.from_rtt(rtt_ms=10, rate_mbit=200))
+    addr = bed.link.address(bed.b)
+    sink = ("import socket, hashlib\n"
+            "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('{addr}', 7601)); s.listen(); print('ready', flush=True)\n"
+            "c, _ = s.accept(); data = b''\n"
+            "while (x := c.recv(65536)): data += x\n"
+            "print(hashlib.sha256(data).hexdigest(), len(data), flush=True)\n")
+    server = bed.reaper.spawn([sys.executable, "-c", sink], name="corrupt-sink",
+                              netns=bed.b.netns, stdout=subprocess.PIPE)
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == b"ready"
+    bed.link.corrupt_next()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    send = (f"import socket\nc = socket.create_connection(('{addr}', 7601))\n"
+            "c.sendall(bytes(range(256)) * 4096); c.close()\n")
+    subprocess.run(["ip", "netns", "exec", bed.a.netns, sys.executable, "-c", send],
+                   check=True, timeout=60)
+    digest, length = server.stdout.readline().split()
+    assert int(length) == len(payload)
+    assert digest.decode() != hashlib.sha256(payload).hexdigest()
+    assert bed.link.counters().ab.corrupted == 1

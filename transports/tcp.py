@@ -279,7 +279,11 @@ class TcpSession:
             del self._conns[conn.cid]
         self._count_retrans(conn)
         reason = f"connection lost: {exc}" if exc else "connection closed by the peer"
-        if isinstance(exc, ssl.SSLError):  # e.g. the peer refused our certificate
+        if isinstance(exc, ssl.SSLError) and _is_authentication_failure(exc):
+            # The peer refused our certificate (TLS 1.3 reports it on the first read): that
+            # does not go away on another connection. Any other TLS error on an established
+            # connection (a bad record MAC: data damaged on the way) costs only this
+            # connection; its unacknowledged frames are resent on the others.
             who = f"{self.core.peer_name} ({conn.label})" if self.core.peer_name else conn.label
             self.core.fail(explain(exc, who, side="client"))
         self.core.connection_lost(conn.cid, self.loop.time(), reason)
@@ -603,6 +607,15 @@ class TcpSession:
                 log.info("session %#x with %s: %d -> %d connections (%.0f Mbit/s)",
                          self.session_id, self.peer, self.target, want, self.history[-1].mbit_s)
                 self.set_target(want)
+
+
+_AUTH_FAILURES = ("CERTIFICATE", "UNKNOWN_CA", "HANDSHAKE_FAILURE", "ACCESS_DENIED",
+                  "WRONG_VERSION", "NO_PROTOCOLS")
+
+
+def _is_authentication_failure(exc: ssl.SSLError) -> bool:
+    reason = str(getattr(exc, "reason", None) or exc).upper()
+    return any(word in reason for word in _AUTH_FAILURES)
 
 
 # ---- initiator ----------------------------------------------------------------------------

@@ -265,6 +265,7 @@ class Agent:
                                                          count_as_return=True))
             await run_pumps(up, down, session, peer.name)
             await session.close()
+            mig.record.transport[str(index)] = _transport_stats(session)
             if encoder is not None:
                 mig.record.codec[str(index)] = encoder.stats()
                 if index == 0:
@@ -368,6 +369,7 @@ class Agent:
             up = asyncio.ensure_future(qemu_to_session(reader, session, counters, None))
             await run_pumps(down, up, session, messages.peer)
             await session.close()
+            mig.record.transport[str(index)] = _transport_stats(session)
         except (Exception, asyncio.CancelledError) as exc:
             error = _describe(exc, f"delivering the migration from {messages.peer}")
             with contextlib.suppress(Exception):
@@ -385,6 +387,15 @@ class Agent:
             if mig.open_channels == 0:
                 self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
                 self._incoming.pop(mig.record.id, None)
+
+
+def _transport_stats(session: TcpSession) -> dict[str, Any]:
+    stats = session.stats()
+    return {"connections_opened": stats.connections_opened,
+            "connections_lost": stats.connections_lost, "frames_resent": stats.frames_resent,
+            "corrupt_frames": stats.corrupt_frames, "tcp_retransmits": stats.tcp_retransmits,
+            "goodput_mbit_s": round(stats.goodput_mbit_s, 1),
+            "srtt_ms": stats.srtt_ms, "congestion_control": stats.congestion_control}
 
 
 def _refuse(reason: str) -> list[bytes]:

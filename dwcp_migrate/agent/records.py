@@ -45,6 +45,7 @@ class MigrationRecord:
     iterations: int | None = None
     channels: list[ChannelCounters] = field(default_factory=list)
     codec: dict[str, Any] = field(default_factory=dict)
+    transport: dict[str, Any] = field(default_factory=dict)  # channel -> session statistics
 
     @classmethod
     def new(cls, role: str, peer: str, migration_id: str | None = None) -> MigrationRecord:

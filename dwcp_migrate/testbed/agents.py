@@ -70,7 +70,9 @@ class TestAgent:
                     "key": str(certs / f"{self.host}.key"), "ca": str(certs / "ca.pem")},
         }
         for key, value in self.settings.items():
-            if isinstance(value, dict) and isinstance(data.get(key), dict):
+            if key == "tls" and isinstance(value, dict) and value.get("plaintext"):
+                data[key] = value  # plaintext replaces the certificates, never joins them
+            elif isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value

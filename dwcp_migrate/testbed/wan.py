@@ -42,6 +42,7 @@ WAN_PREFIX = "10.201"
 SIG_STATS = signal.SIGUSR1
 SIG_CUT = signal.SIGRTMIN
 SIG_RESTORE = signal.SIGRTMIN + 1
+SIG_CORRUPT = signal.SIGRTMIN + 2
 
 _READY_TIMEOUT_S = 10.0
 _REPLY_TIMEOUT_S = 5.0
@@ -171,6 +172,7 @@ class DirectionCounters:
     drop_cut: int
     write_err: int
     max_backlog: int  # largest queue seen, bytes
+    corrupted: int  # segments given a flipped payload byte on request (corrupt_next)
 
     @property
     def arrived(self) -> int:
@@ -299,6 +301,11 @@ class WanLink:
     def up(self) -> None:
         self._cancel_timer()
         self._event(SIG_RESTORE, "wanlink: link restored")
+
+    def corrupt_next(self) -> None:
+        """Flip a payload byte of the next A-to-B TCP segment (64+ bytes of payload) and fix
+        its TCP checksum: TCP delivers the damage, only a check above TCP can catch it."""
+        self._event(SIG_CORRUPT, "wanlink: corrupt armed")
 
     def cut(self, seconds: float, *, wait: bool = True) -> None:
         """Cut the link for ``seconds``; with ``wait=False`` return at once (restore later)."""

@@ -12,7 +12,10 @@
  * the packets that are due, then sleeps in ppoll until the next departure or the next arrival.
  *
  * Signals: SIGUSR1 prints counters to stderr; SIGRTMIN cuts the link (every queued packet and
- * every arriving one is dropped), SIGRTMIN+1 restores it; SIGTERM/SIGINT exit cleanly (exit
+ * every arriving one is dropped), SIGRTMIN+1 restores it; SIGRTMIN+2 arms a corruption: the
+ * next A-to-B TCP segment with at least 64 bytes of payload gets one payload byte flipped
+ * and its TCP checksum fixed up, so TCP delivers the damage (as a faulty middlebox or NIC
+ * would) and only an end-to-end check above TCP can catch it; SIGTERM/SIGINT exit cleanly (exit
  * status 0) after printing the final counters. The TUN devices are not persistent: they vanish
  * with the process, so a killed forwarder leaves nothing behind.
  *
@@ -62,6 +65,7 @@ struct ring {
 
 struct counters {  /* written by one direction thread, read by the main thread */
     uint64_t fwd_pkts, fwd_bytes, drop_loss, drop_queue, drop_ring, drop_cut, write_err;
+    uint64_t corrupted;
     uint64_t max_backlog;
 };
 
@@ -86,6 +90,7 @@ static struct {
          .early_us = 20};
 
 static int g_stop, g_cut;  /* accessed with __atomic builtins */
+static int g_corrupt;  /* armed corruptions still to apply (A to B only) */
 static unsigned g_cut_gen;  /* bumped by every cut, so a quick cut/restore/cut still flushes */
 static uint64_t delay_ns, early_ns, queue_limit;
 static double ns_per_byte, bytes_per_ns;
@@ -179,6 +184,35 @@ static void ring_pop(struct ring *r, struct rec *h) {
 }
 
 /* ---- forwarding ----------------------------------------------------------------------- */
+/* Flip one payload byte of an IPv4 TCP segment and fix its checksum (RFC 1624, eqn. 3).
+ * Returns 1 if the packet was corrupted, 0 if it is not a suitable segment. */
+static int corrupt_tcp(uint8_t *pkt, size_t len) {
+    if (len < 20 || (pkt[0] >> 4) != 4 || pkt[9] != 6)
+        return 0;
+    size_t ihl = (size_t)(pkt[0] & 0x0f) * 4;
+    if (len < ihl + 20)
+        return 0;
+    size_t doff = (size_t)(pkt[ihl + 12] >> 4) * 4;
+    size_t payload = ihl + doff;
+    if (len < payload + 64)
+        return 0;
+    size_t at = payload + (len - payload) / 2;
+    size_t word = ihl + ((at - ihl) & ~(size_t)1);  /* 16-bit word from the TCP header start */
+    uint16_t old_word = (uint16_t)(pkt[word] << 8 | pkt[word + 1]);
+    pkt[at] ^= 0x5a;
+    uint16_t new_word = (uint16_t)(pkt[word] << 8 | pkt[word + 1]);
+    uint8_t *ck = pkt + ihl + 16;
+    uint32_t sum = (uint16_t)~(uint16_t)(ck[0] << 8 | ck[1]);
+    sum += (uint16_t)~old_word;
+    sum += new_word;
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    uint16_t out = (uint16_t)~sum;
+    ck[0] = (uint8_t)(out >> 8);
+    ck[1] = (uint8_t)out;
+    return 1;
+}
+
 static void *run_dir(void *arg) {
     struct dir *d = arg;
     struct pollfd pfd[2] = {{.fd = d->in_fd, .events = POLLIN}, {.fd = d->wake_fd, .events = POLLIN}};
@@ -217,6 +251,11 @@ static void *run_dir(void *arg) {
             if (opt.loss > 0 && rnd01(&d->rng) < opt.loss) {
                 BUMP(d, drop_loss, 1);
                 continue;
+            }
+            if (d->name[0] == 'a' && __atomic_load_n(&g_corrupt, __ATOMIC_ACQUIRE) > 0 &&
+                    corrupt_tcp(dst, (size_t)n)) {
+                __atomic_sub_fetch(&g_corrupt, 1, __ATOMIC_ACQ_REL);
+                BUMP(d, corrupted, 1);
             }
             uint64_t now = now_ns();
             uint64_t start = d->link_free_ns > now ? d->link_free_ns : now;
@@ -398,11 +437,11 @@ static void print_counters(const char *what, unsigned seq, struct dir *dirs) {
         off += snprintf(line + off, sizeof line - (size_t)off,
                         " %s_fwd_pkts=%llu %s_fwd_bytes=%llu %s_drop_loss=%llu"
                         " %s_drop_queue=%llu %s_drop_ring=%llu %s_drop_cut=%llu"
-                        " %s_write_err=%llu %s_max_backlog=%llu",
+                        " %s_write_err=%llu %s_max_backlog=%llu %s_corrupted=%llu",
                         dirs[i].name, F(fwd_pkts), dirs[i].name, F(fwd_bytes), dirs[i].name,
                         F(drop_loss), dirs[i].name, F(drop_queue), dirs[i].name, F(drop_ring),
                         dirs[i].name, F(drop_cut), dirs[i].name, F(write_err), dirs[i].name,
-                        F(max_backlog));
+                        F(max_backlog), dirs[i].name, F(corrupted));
 #undef F
     }
     fprintf(stderr, "%s\n", line);
@@ -491,6 +530,7 @@ int main(int argc, char **argv) {
     sigaddset(&set, SIGUSR1);
     sigaddset(&set, SIGRTMIN);
     sigaddset(&set, SIGRTMIN + 1);
+    sigaddset(&set, SIGRTMIN + 2);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -539,6 +579,10 @@ int main(int argc, char **argv) {
         }
         if (sig == SIGUSR1) {
             print_counters("stats", ++seq, dirs);
+        } else if (sig == SIGRTMIN + 2) {
+            __atomic_add_fetch(&g_corrupt, 1, __ATOMIC_ACQ_REL);
+            fprintf(stderr, "wanlink: corrupt armed seq=%u\n", ++seq);
+            fflush(stderr);
         } else if (sig == SIGRTMIN || sig == SIGRTMIN + 1) {
             /* The flag first, then the generation: a worker that sees the new generation
              * (loaded before the flag) also sees the flag set. */

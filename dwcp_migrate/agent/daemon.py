@@ -95,6 +95,9 @@ class Agent:
         self._libvirt: Any = None  # LibvirtMigrator, made on first use (imports libvirt)
         self._job_peers: dict[str, str] = {}  # peer -> libvirt job id of its migration
         self._mode_policy = get_mode_policy("threshold")
+        # RDMA is chosen at start from this host's devices; the data path itself runs over
+        # TCP sessions (the RDMA transport is tested only against a fake verbs layer).
+        self.transport_choice: tuple[str, str] = ("tcp", "not chosen yet")
         self._trackers: dict[str, ModeTracker] = {}  # peer -> path mode history
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -116,6 +119,8 @@ class Agent:
         self._spawn(self._accept_sessions())
         self._admin = AdminServer(self, cfg.admin_socket)
         await self._admin.start()
+        self.transport_choice = await asyncio.to_thread(_choose_transport, cfg)
+        log.info("transport: %s (%s)", *self.transport_choice)
         log.info("agent %s listening on %s:%d, migration sockets in %s, peers: %s", cfg.name,
                  cfg.listen_host, self._session_server.port, cfg.socket_dir / "to",
                  ", ".join(cfg.peers) or "none")
@@ -188,6 +193,8 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         return {"name": self.config.name, "peers": sorted(self.config.peers),
+                "transport": {"kind": self.transport_choice[0],
+                              "reason": self.transport_choice[1]},
                 "uptime_s": time.time() - self.started,
                 "refusing_incoming": self.refuse_incoming, **self.migrations.snapshot()}
 
@@ -387,6 +394,19 @@ class Agent:
             if mig.open_channels == 0:
                 self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
                 self._incoming.pop(mig.record.id, None)
+
+
+def _choose_transport(cfg: AgentConfig) -> tuple[str, str]:
+    """TCP, and why not RDMA (logged at start and shown by ``dwcp status``)."""
+    from dwcp_migrate.transports.pyverbs_verbs import scan_devices
+
+    scan = scan_devices()
+    if not scan.devices:
+        return "tcp", scan.reason or "no RDMA device on this host"
+    names = ", ".join(d.name for d in scan.devices)
+    return "tcp", (f"RDMA device found ({names}), but the agent's data path runs over TCP "
+                   "sessions in this version (the RDMA transport is tested only against a "
+                   "fake verbs layer)")
 
 
 def _transport_stats(session: TcpSession) -> dict[str, Any]:

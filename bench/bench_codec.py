@@ -15,11 +15,14 @@ the system QEMU (10.0) migrating to a file (``exec:cat``), cached under
   it converges on its own, as a migration over a slow WAN does.
 
 For each: StreamEncoder/StreamDecoder with each compression setting (fed 256 KiB chunks, like
-socket reads; batches of 1024 pages) and two page-cache sizes, and plain zstd-1, zstd-3 and
-lz4 (frame format, streaming) of the raw stream. Speeds are MB/s of QEMU stream per CPU second
-of the one thread doing the work (``time.thread_time``; compression runs in that thread), best
-of ``--repeat``: the machine has two cores shared with other work, so wall-clock time would
-measure the neighbours.
+socket reads; batches of 1024 pages with data) and two page-cache sizes, and plain zstd-1,
+zstd-3 and lz4 (frame format, streaming) of the raw stream. Speeds are MB/s of QEMU stream per
+CPU second of the one thread doing the work (``time.thread_time``; compression runs in that
+thread), best of ``--repeat`` in one process: the machine has two cores shared with other
+work, so wall-clock time would measure the neighbours. Two more measurements: the encoder
+with its compression thread (``compress_thread=True``: wall-clock MB/s, and MB/s per CPU
+second of the whole process), and the lz4 encode and decode in a fresh process, once (the
+first session of a process also pays for faulting in its page cache and heap).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import zstandard
 
 from dwcp_migrate.codec import ChannelStats, StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import TestbedError
-from dwcp_migrate.pagecodec import Compression, PageCodecConfig
+from dwcp_migrate.pagecodec import FORMAT_VERSION, Compression, PageCodecConfig
 from dwcp_migrate.paths import REPO_ROOT, build_dir, cache_dir
 from dwcp_migrate.testbed.guests import SerialLog, WorkloadSpec, build_guests, guest_boot_args
 from dwcp_migrate.testbed.procs import Reaper
@@ -49,7 +52,10 @@ from dwcp_migrate.testbed.qemu import GuestVM, QemuBinary
 DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- bench_codec:start -->", "<!-- bench_codec:end -->"
 CHUNK = 256 << 10
-SETTINGS = ("none", "lz4", "zstd:1", "zstd:3")
+SETTINGS = ("none", "lz4", "zstd:-1", "zstd:1", "zstd:3")
+PIPELINED = ("lz4", "zstd:-1", "zstd:1", "zstd:3")
+GOAL_ENCODE = 500  # MB/s per core, lz4, default configuration
+GOAL_DECODE = 1000
 COMMAND = ".venv/bin/python bench/bench_codec.py --write-doc"
 
 
@@ -242,8 +248,11 @@ def codec_row(data: bytes, setting: str, cache_mib: int, repeat: int
 
 
 def breakdown(data: bytes, repeat: int) -> dict[str, float]:
-    """CPU microseconds per page of each stage of an lz4 encode (default cache): parsing,
-    turning records into items, the page codec without compression, lz4 and framing."""
+    """CPU microseconds per page of each stage of an lz4 encode (default cache): parsing the
+    stream into batch columns (the scanner's fused RAM loop), the page codec up to the
+    payload (``prepare_pages``), lz4 and framing (``finish``); and, for reference, the stream
+    parser alone making a record object per page (what the scanner no longer does for RAM
+    pages)."""
     from dwcp_migrate.codec import ChannelScanner
     from dwcp_migrate.pagecodec import PageEncoder
     from dwcp_migrate.stream import MainChannelParser
@@ -259,30 +268,85 @@ def breakdown(data: bytes, repeat: int) -> dict[str, float]:
             scanner.feed(chunk)
         scanner.finish()
 
-    def codec(how: str) -> Callable[[], None]:
+    def codec(finish: bool) -> Callable[[], None]:
         def run() -> None:
             scanner, enc = ChannelScanner(), PageEncoder(PageCodecConfig())
-            compression = Compression.parse(how)
+            compression = Compression("lz4")
             for chunk in _chunks(data):
                 for batch in scanner.feed(chunk):
-                    enc.encode_batch(batch.items, compression)
+                    prepared = enc.prepare_pages(batch.pages, compression)
+                    if finish:
+                        prepared.finish()
             for batch in scanner.finish():
-                enc.encode_batch(batch.items, compression)
+                prepared = enc.prepare_pages(batch.pages, compression)
+                if finish:
+                    prepared.finish()
             pages.append(enc.stats.pages)
         return run
 
     pages: list[int] = []
     t = {"parse": cpu_best(repeat, parse), "scan": cpu_best(repeat, scan),
-         "none": cpu_best(repeat, codec("none")), "lz4": cpu_best(repeat, codec("lz4"))}
+         "prepare": cpu_best(repeat, codec(False)), "lz4": cpu_best(repeat, codec(True))}
     us = 1e6 / pages[-1]
-    return {"pages": pages[-1], "parse": t["parse"] * us,
-            "items": (t["scan"] - t["parse"]) * us, "page codec": (t["none"] - t["scan"]) * us,
-            "lz4": (t["lz4"] - t["none"]) * us, "total": t["lz4"] * us}
+    return {"pages": pages[-1], "scan": t["scan"] * us,
+            "page codec": (t["prepare"] - t["scan"]) * us,
+            "lz4 and framing": (t["lz4"] - t["prepare"]) * us, "total": t["lz4"] * us,
+            "records parser alone": t["parse"] * us}
+
+
+def pipelined(data: bytes, setting: str, repeat: int) -> tuple[float, float]:
+    """Encode with the compression thread: (wall-clock MB/s, MB/s per CPU second of the
+    process), best of ``repeat``."""
+    mb = len(data) / 1e6
+    compression = Compression.parse(setting)
+    wall = cpu = float("inf")
+    for _ in range(repeat):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        enc = StreamEncoder(PageCodecConfig(), compression=compression, session_id=1,
+                            compress_thread=True)
+        for chunk in _chunks(data):
+            enc.feed(chunk)
+        enc.finish()
+        wall = min(wall, time.perf_counter() - started)
+        cpu = min(cpu, time.process_time() - cpu_started)
+    return mb / wall, mb / cpu
+
+
+_COLD = """
+import sys, time
+from dwcp_migrate.codec import StreamDecoder, StreamEncoder
+from dwcp_migrate.pagecodec import Compression, PageCodecConfig
+data = open(sys.argv[1], "rb").read()
+view = memoryview(data)
+chunks = [view[i:i + (256 << 10)] for i in range(0, len(view), 256 << 10)]
+started = time.thread_time()
+enc = StreamEncoder(PageCodecConfig(), compression=Compression("lz4"), session_id=1)
+out = [b for c in chunks for b in enc.feed(c)] + enc.finish()
+encode = time.thread_time() - started
+started = time.thread_time()
+dec = StreamDecoder(PageCodecConfig())
+dec.accept_session_header(enc.session_header)
+for b in out:
+    dec.decode(b)
+print(encode, time.thread_time() - started)
+"""
+
+
+def cold(path: Path) -> tuple[float, float]:
+    """lz4 encode and decode MB/s per core in a fresh process, once each."""
+    import subprocess
+    import sys
+
+    mb = path.stat().st_size / 1e6
+    out = subprocess.run([sys.executable, "-c", _COLD, str(path)], check=True,
+                         capture_output=True, text=True, cwd=REPO_ROOT).stdout.split()
+    return mb / float(out[0]), mb / float(out[1])
 
 
 def measure(cap: CaptureFile, repeat: int, caches: list[int]) -> dict[str, Any]:
     data = cap.path.read_bytes()
     load_before = os.getloadavg()[0]
+    cold_run = cold(cap.path)
     cost = breakdown(data, repeat)
     plain = plain_rows(data, repeat)
     rows: list[Row] = []
@@ -294,8 +358,9 @@ def measure(cap: CaptureFile, repeat: int, caches: list[int]) -> dict[str, Any]:
             stats[row.name] = st
             print(f"  {row.name:28s} {row.size / 1e6:8.2f} MB  encode {row.encode_mb_s:5.0f} "
                   f"MB/s  decode {row.decode_mb_s or 0:5.0f} MB/s", flush=True)
+    pipe = {setting: pipelined(data, setting, repeat) for setting in PIPELINED}
     return {"capture": cap, "bytes": len(data), "plain": plain, "rows": rows, "stats": stats,
-            "cost": cost,
+            "cost": cost, "pipelined": pipe, "cold": cold_run,
             "load": (load_before, os.getloadavg()[0]), "split": _split(data, stats)}
 
 
@@ -368,8 +433,11 @@ def report(results: list[dict[str, Any]]) -> str:
            f"Python {platform.python_version()}, zstandard {zstandard.__version__}, "
            f"python-lz4 {lz4.VERSION}. MB/s are MB of QEMU stream per CPU second of the one "
            f"thread doing the work (compression included), best of the repeats; the machine "
-           f"is shared (load averages given per capture). Fed in 256 KiB chunks, batches of "
-           f"1024 pages; sizes include the page codec's session header and batch headers.",
+           f"is shared (load averages given per capture). Fed in 256 KiB chunks (memoryviews "
+           f"of the capture: the parser copies each into bytes, as a socket read would make "
+           f"one), batches of 1024 pages with data (a zero page counts an eighth); sizes "
+           f"include the page codec's session header and batch headers. Page codec format "
+           f"{FORMAT_VERSION}.",
            ""]
     for result in results:
         cap: CaptureFile = result["capture"]
@@ -393,7 +461,8 @@ def report(results: list[dict[str, Any]]) -> str:
                 f"{result['load'][1]:.2f} after.", "", *_table(result), "",
                 "Encode cost per page (lz4, cache 256 MiB; " + ", ".join(
                     f"{k} {v:.2f} us" for k, v in result["cost"].items() if k != "pages")
-                + f"; {result['cost']['pages']} pages, zero pages included).", ""]
+                + f"; {result['cost']['pages']} pages, zero pages included).", "",
+                *_pipelined(result), ""]
         if spec.live:
             split = result["split"]
             z1 = split["zstd1"]
@@ -416,8 +485,28 @@ def report(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _pipelined(result: dict[str, Any]) -> list[str]:
+    rows = {r.name: r for r in result["rows"]}
+    enc_cold, dec_cold = result["cold"]
+    lines = ["With the compression thread (`StreamEncoder(compress_thread=True)`: the next batch "
+             "is parsed and prepared while the last one compresses), cache 256 MiB:", "",
+             "| setting | one thread, MB/s per core | wall-clock MB/s | MB/s per CPU second "
+             "(both threads) |", "|---|---:|---:|---:|"]
+    for setting, (wall, cpu) in result["pipelined"].items():
+        one = rows[f"dwcp {setting}, cache 256 MiB"].encode_mb_s
+        lines.append(f"| {setting} | {one:.0f} | {wall:.0f} | {cpu:.0f} |")
+    lines += ["", "Wall-clock gains need the second core free: with other work on it (the load "
+              "averages above) the two threads can be slower than one. On a quiet moment "
+              "(load 0.5) the single-pass capture went from 574 to 904 MB/s with lz4, 462 to "
+              "684 with zstd:1 and 358 to 502 with zstd:3.", "",
+              f"In a fresh process, once (the page caches and the heap are faulted in "
+              f"on the way): lz4 encode {enc_cold:.0f} MB/s, decode {dec_cold:.0f} MB/s per "
+              f"core."]
+    return lines
+
+
 def goals(results: list[dict[str, Any]]) -> list[str]:
-    """The two goals of the issue, checked against these figures."""
+    """The goals of the issue, checked against these figures."""
     out = ["### Goals", ""]
     for result in results:
         label = "multi-iteration" if result["capture"].spec.live else "single-pass"
@@ -425,11 +514,23 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
         default = next(r for r in lz4 if r.name.endswith("cache 256 MiB"))
         others = "; ".join(f"{r.encode_mb_s:.0f} with {r.name.split(', ')[1]}"
                            for r in lz4 if r is not default)
-        verdict = "met" if default.encode_mb_s >= 400 else "NOT met"
-        out.append(f"- Encode >= 400 MB/s per core with the datacenter setting (lz4, default "
-                   f"configuration), {label} capture: {verdict}, {default.encode_mb_s:.0f} "
-                   f"MB/s" + (f" ({others})" if others else "") + "; runs on this shared "
-                   "machine spread by about 5%, so this is at the goal, not above it.")
+        verdict = "met" if default.encode_mb_s >= GOAL_ENCODE else "NOT met"
+        margin = default.encode_mb_s / GOAL_ENCODE - 1
+        out.append(f"- Encode >= {GOAL_ENCODE} MB/s per core with the datacenter setting (lz4, "
+                   f"default configuration), {label} capture: {verdict}, "
+                   f"{default.encode_mb_s:.0f} MB/s ({margin:+.0%})"
+                   + (f"; {others}" if others else "") + f"; once in a fresh process "
+                   f"{result['cold'][0]:.0f} MB/s. Runs on this shared machine spread by 5-10%.")
+        decodes = [r for r in result["rows"] if r.decode_mb_s]
+        slowest = min(decodes, key=lambda r: r.decode_mb_s or 0)
+        lz4_decode = default.decode_mb_s or 0
+        out.append(f"- Decode >= {GOAL_DECODE} MB/s per core, {label} capture: "
+                   f"{'met' if lz4_decode >= GOAL_DECODE else 'NOT met'} with lz4 "
+                   f"({lz4_decode:.0f} MB/s); "
+                   f"{sum((r.decode_mb_s or 0) >= GOAL_DECODE for r in decodes)} of "
+                   f"{len(decodes)} settings reach it, the slowest "
+                   f"{slowest.decode_mb_s:.0f} MB/s ({slowest.name}); once in a fresh process "
+                   f"(lz4) {result['cold'][1]:.0f} MB/s.")
     multi = [r for r in results if r["capture"].spec.live]
     if multi:
         result = multi[0]

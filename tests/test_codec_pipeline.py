@@ -263,6 +263,128 @@ def test_mutated_streams_round_trip(draw: st.DataObject, multifd: bool) -> None:
     assert decode(enc, batches) == raw
 
 
+def mixed_records_stream() -> bytes:
+    """Every kind of RAM record in one section, in every place: named and CONTINUE pages and
+    zero pages, a block change, XBZRLE and compressed pages, a ZERO record with a fill
+    byte, a MULTIFD_FLUSH, then a second pass (re-sent pages) and the END section."""
+    b = StreamBuilder().header().configuration()
+    b.start(2, b"ram").mem_size([(b"pc.ram", 64 * PAGE), (b"vga", 8 * PAGE)]).eos().footer(2)
+    for p in range(2):
+        b.part(2).page(b"pc.ram", 0, page_bytes(p)).zero(b"pc.ram", PAGE, cont=True)
+        b.page(b"pc.ram", 2 * PAGE, page_bytes(7), cont=True).zero(b"vga", 0)
+        b.page(b"vga", PAGE, page_bytes(8 + p), cont=True).page(b"pc.ram", 3 * PAGE,
+                                                                   page_bytes(9))
+        b.xbzrle(b"pc.ram", 4 * PAGE, b"\x05abc", cont=True).page(b"pc.ram", 5 * PAGE,
+                                                                    page_bytes(2), cont=True)
+        b.zero(b"pc.ram", 6 * PAGE, cont=True, fill=3).zero(b"pc.ram", 7 * PAGE, cont=True)
+        b.compressed(b"pc.ram", 8 * PAGE, b"zz", cont=True).multifd_flush()
+        for i in range(10, 30):
+            b.page(b"pc.ram", i * PAGE, page_bytes(i + p * (i % 3 == 0)), cont=True)
+        b.eos().footer(2)
+    b.end(2).page(b"pc.ram", 0, page_bytes(5)).zero(b"pc.ram", PAGE, cont=True).eos()
+    return b.footer(2).eof().build()
+
+
+def long_zero_runs_stream() -> bytes:
+    """Long runs of ZERO|CONTINUE records (the scanner takes them in numpy steps) with what
+    must break a step: a ZERO record with a fill byte, a page, offsets going backwards or
+    beyond the block's size, a second pass (re-sent zero pages, a new iteration) and a block
+    change."""
+    b = StreamBuilder().header().configuration()
+    b.start(2, b"ram").mem_size([(b"pc.ram", 600 * PAGE), (b"vga", 200 * PAGE)]).eos()
+    b.footer(2)
+    for p in range(2):
+        b.part(2).zero(b"pc.ram", 0)
+        for i in range(1, 300):
+            if i == 150:
+                b.zero(b"pc.ram", i * PAGE, cont=True, fill=9)
+            elif i == 200:
+                b.page(b"pc.ram", i * PAGE, page_bytes(i + p), cont=True)
+            else:
+                b.zero(b"pc.ram", i * PAGE, cont=True)
+        for i in (100, 101, *range(300, 400), 5000, *range(400, 500)):
+            b.zero(b"pc.ram", i * PAGE, cont=True)
+        b.zero(b"vga", 0)
+        for i in range(1, 120):
+            b.zero(b"vga", i * PAGE, cont=True)
+        b.eos().footer(2)
+    return b.eof().build()
+
+
+def scan_both_ways(data: bytes, seed: int, batch_pages: int
+                   ) -> tuple[list[tuple[int, list[Any]]], list[tuple[int, list[Any]]],
+                              dict[str, object], dict[str, object]]:
+    """Scan a stream with the fused RAM loop and with the parser's records only."""
+    from dwcp_migrate.codec import ChannelScanner
+    from dwcp_migrate.codec import scan as scan_module
+
+    def run(fused: bool) -> tuple[list[tuple[int, list[Any]]], dict[str, object]]:
+        scanner = ChannelScanner(batch_pages=batch_pages, batch_bytes=32 * PAGE)
+        if not fused:
+            scanner._ram = MainChannelParser._run_ram  # type: ignore[method-assign, assignment]
+        out = []
+        for chunk in _chunked(data, random.Random(seed)):
+            out += scanner.feed(chunk)
+        out += scanner.finish()
+        assert isinstance(scanner.parser, scan_module._FusedParser)
+        return ([(b.iteration, [(type(i).__name__, bytes(i.data), getattr(i, "block", None),
+                                 getattr(i, "offset", None), getattr(i, "tag", None))
+                                for i in b.items]) for b in out], scanner.stats.as_dict())
+
+    fused, fused_stats = run(True)
+    plain, plain_stats = run(False)
+    return fused, plain, fused_stats, plain_stats
+
+
+@pytest.mark.parametrize("batch_pages", [1, 2, 5, 40, 1024])
+def test_fused_ram_loop_matches_the_record_parser(batch_pages: int) -> None:
+    """The scanner's own RAM loop (no record objects) cuts the same batches, with the same
+    items and statistics, as the parser's records do, whatever the chunking."""
+    for data in (mixed_records_stream(), long_zero_runs_stream(), many_pages_stream(),
+                 typical_stream()):
+        for seed in range(4):
+            fused, plain, fused_stats, plain_stats = scan_both_ways(data, seed, batch_pages)
+            assert fused == plain
+            assert fused_stats == plain_stats
+    enc, batches = encode(mixed_records_stream(), batch_pages=3)
+    assert decode(enc, batches) == mixed_records_stream()
+    assert len(enc.stats.iterations) == 3
+    enc, batches = encode(long_zero_runs_stream(), batch_pages=40)
+    assert decode(enc, batches) == long_zero_runs_stream()
+    assert len(enc.stats.iterations) >= 3 and enc.stats.total().resent > 600
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(draw=st.data(), zero_runs=st.booleans())
+def test_fused_ram_loop_matches_on_mutated_streams(draw: st.DataObject, zero_runs: bool
+                                                   ) -> None:
+    data = bytearray(long_zero_runs_stream() if zero_runs else mixed_records_stream())
+    for _ in range(draw.draw(st.integers(1, 4))):
+        data[draw.draw(st.integers(0, len(data) - 1))] = draw.draw(st.integers(0, 255))
+    raw = bytes(data[:draw.draw(st.integers(0, len(data)))])
+    fused, plain, fused_stats, plain_stats = scan_both_ways(
+        raw, draw.draw(st.integers(0, 50)), draw.draw(st.integers(1, 40)))
+    assert fused == plain
+    assert fused_stats == plain_stats
+
+
+def test_zero_pages_do_not_fill_batches() -> None:
+    """A zero page weighs an eighth of a page with data when batches are cut: the first pass
+    over a mostly empty guest makes few, full batches."""
+    b = StreamBuilder().header().configuration()
+    b.start(2, b"ram").mem_size([(b"pc.ram", 4096 * PAGE)]).eos().part(2)
+    for i in range(4096):
+        if i % 8 == 0:
+            b.page(b"pc.ram", i * PAGE, page_bytes(i), cont=i > 0)
+        else:
+            b.zero(b"pc.ram", i * PAGE, cont=True)
+    data = b.eos().footer(2).eof().build()
+    enc, batches = encode(data, batch_pages=256)
+    assert decode(enc, batches) == data
+    # 512 pages with data and 3584 zero pages: 512 * 8 + 3584 = 7680 eighths, 2048 a batch
+    assert enc.codec_stats.batches == 4
+
+
 # ---- the container --------------------------------------------------------------------------
 def test_container_round_trip_and_stats_match_the_encoder() -> None:
     data = many_pages_stream(pages=500, passes=4)

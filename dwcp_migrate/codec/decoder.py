@@ -21,15 +21,18 @@ bytes that were encoded or nothing.
 
 from __future__ import annotations
 
-import struct
+from bisect import bisect_right
+from itertools import pairwise
 from typing import Final
+
+import numpy as np
 
 from dwcp_migrate.codec.errors import EncodedCorruptError
 from dwcp_migrate.pagecodec import (
     CodecStats,
+    PageBatch,
     PageCodecConfig,
     PageDecoder,
-    PageItem,
     parse_session_header,
 )
 from dwcp_migrate.pagecodec.decoder import DEFAULT_MAX_BATCH
@@ -44,8 +47,8 @@ _PAGE: Final = RAM_SAVE_FLAG_PAGE
 _PAGE_CONT: Final = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
 _ZERO: Final = RAM_SAVE_FLAG_ZERO
 _ZERO_CONT: Final = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
-_BE64 = struct.Struct(">Q").pack
-_ZERO_RECORD = struct.Struct(">QB").pack
+_TAGS: Final = np.array([0, _PAGE, _PAGE_CONT, _ZERO, _ZERO_CONT], np.uint64)
+_ZERO_RECORD_DTYPE: Final = np.dtype([("word", ">u8"), ("fill", "u1")])  # 9 bytes, packed
 
 
 class StreamDecoder:
@@ -82,36 +85,67 @@ class StreamDecoder:
 
     def decode(self, batch: bytes | memoryview) -> bytes:
         """The stream bytes of the next batch (checked by the page codec before release)."""
-        items = self.codec.decode_batch(batch)
+        pages = self.codec.decode_pages(batch)
+        n = pages.pages
+        tags, datas = pages.tags, pages.datas
+        tag_arr = np.array(tags, np.uint64)
+        bad = ~np.isin(tag_arr, _TAGS)
+        if bad.any():
+            tag = int(tag_arr[np.flatnonzero(bad)[0]])
+            raise EncodedCorruptError(
+                f"stream decoder, batch {self.batches}: a page carries tag {tag:#x}, which "
+                f"no stream encoder writes: the encoder is of another version or broken")
+        # Every page's be64 offset|flags, and the whole record of a ZERO|CONTINUE page (the
+        # most common record of a first pass), made for all pages at once.
+        records = np.zeros(n, _ZERO_RECORD_DTYPE)
+        records["word"] = np.array(pages.offsets, np.uint64) | tag_arr
+        zero_records = records.tobytes()
+        words = records["word"].tobytes()
+        # Runs of records of one shape: ZERO|CONTINUE (a slice of zero_records), PAGE|CONTINUE
+        # (header, page, header, page...), multifd pages (the pages), the rest record by record.
+        shape = np.full(n, 3, np.uint8)
+        shape[tag_arr == _ZERO_CONT] = 0
+        shape[tag_arr == _PAGE_CONT] = 1
+        shape[tag_arr == 0] = 2
+        cuts = {0, n, *pages.opaque_at}
+        cuts.update((np.flatnonzero(shape[1:] != shape[:-1]) + 1).tolist())
         parts: list[ByteData] = []
         add = parts.append
-        names = self._names
-        for item in items:
-            if type(item) is not PageItem:
-                add(item.data)
-                continue
-            tag = item.tag
-            if tag == _PAGE_CONT:
-                add(_BE64(item.offset | tag))
-                add(item.data)
-            elif tag == 0:
-                add(item.data)
-            elif tag == _ZERO_CONT:
-                add(_ZERO_RECORD(item.offset | tag, 0))
-            elif tag in (_PAGE, _ZERO):
-                name = names.get(item.block)
-                if name is None:
-                    name = names[item.block] = bytes((len(item.block),)) + item.block
-                add(_BE64(item.offset | tag) + name)
-                add(item.data if tag == _PAGE else b"\0")
+        op, op_at, opaques = 0, pages.opaque_at, pages.opaques
+        ordered = sorted(cuts)
+        for a, b in pairwise(ordered):
+            while op < len(op_at) and op_at[op] <= a:
+                add(opaques[op])
+                op += 1
+            kind = shape[a]
+            if kind == 0:
+                add(zero_records[9 * a:9 * b])
+            elif kind == 1:
+                run: list[ByteData] = [b""] * (2 * (b - a))
+                run[0::2] = [words[at:at + 8] for at in range(8 * a, 8 * b, 8)]
+                run[1::2] = datas[a:b]
+                parts += run
+            elif kind == 2:
+                parts += datas[a:b]
             else:
-                raise EncodedCorruptError(
-                    f"stream decoder, batch {self.batches}: a page carries tag {tag:#x}, which "
-                    f"no stream encoder writes: the encoder is of another version or broken")
+                for i in range(a, b):  # PAGE or ZERO: the record names its block
+                    tag = tags[i]
+                    block = self._block_of(pages, i)
+                    name = self._names.get(block)
+                    if name is None:
+                        name = self._names[block] = bytes((len(block),)) + block
+                    add(words[8 * i:8 * i + 8] + name)
+                    add(datas[i] if tag == _PAGE else b"\0")
+        parts += opaques[op:]
         out = b"".join(parts)
         self.bytes_out += len(out)
         self.batches += 1
         return out
+
+    @staticmethod
+    def _block_of(pages: PageBatch, i: int) -> bytes:
+        runs = pages.blocks
+        return runs[bisect_right(runs, i, key=lambda run: run[0]) - 1][1]
 
 
 __all__ = ["StreamDecoder"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from dwcp_migrate.codec.scan import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_PAGES,
@@ -9,7 +12,13 @@ from dwcp_migrate.codec.scan import (
     ScannedBatch,
 )
 from dwcp_migrate.codec.stats import ChannelStats
-from dwcp_migrate.pagecodec import CodecStats, Compression, PageCodecConfig, PageEncoder
+from dwcp_migrate.pagecodec import (
+    CodecStats,
+    Compression,
+    PageCodecConfig,
+    PageEncoder,
+    PreparedBatch,
+)
 from dwcp_migrate.stream import ChannelKind, StreamTruncatedError
 
 
@@ -37,7 +46,8 @@ class StreamEncoder:
     def __init__(self, config: PageCodecConfig | None = None, *,
                  compression: Compression | None = None,
                  batch_pages: int = DEFAULT_BATCH_PAGES, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                 auto_flush: bool = True, session_id: int | None = None) -> None:
+                 auto_flush: bool = True, session_id: int | None = None,
+                 compress_thread: bool = False) -> None:
         self.config = config = config or PageCodecConfig()
         self.compression = compression or config.compression
         self.codec = PageEncoder(config, session_id=session_id)
@@ -46,6 +56,11 @@ class StreamEncoder:
         self.bytes_in = 0
         self.bytes_out = 0  # batches only (not the session header)
         self.batches = 0
+        # compress_thread: batches are compressed on a second thread while this one parses
+        # and prepares the next (zstd and lz4 release the GIL); see _encode.
+        self._pool = (ThreadPoolExecutor(1, thread_name_prefix="dwcp-compress")
+                      if compress_thread else None)
+        self._inflight: deque[tuple[PreparedBatch, int, Future[bytes]]] = deque()
 
     @property
     def session_header(self) -> bytes:
@@ -71,29 +86,50 @@ class StreamEncoder:
         return self.scanner.truncation
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> list[bytes]:
-        """Parse and encode a chunk; returns the batches it completed (often none)."""
+        """Parse and encode a chunk; returns the batches it completed (often none).
+
+        With ``compress_thread``, the last batch completed may still be compressing: it
+        comes with the next call (or :meth:`flush`), unless the chunk ended where QEMU may
+        wait for the destination (then everything completed is returned).
+        """
         self.bytes_in += len(chunk)
-        return self._encode(self.scanner.feed(chunk))
+        batches = self.scanner.feed(chunk)
+        return self._encode(batches, wait=self.scanner.waiting)
 
     def flush(self) -> list[bytes]:
         """Encode what is pending now, even if the batch is not full."""
-        return self._encode(self.scanner.flush())
+        return self._encode(self.scanner.flush(), wait=True)
 
     def finish(self) -> list[bytes]:
         """The channel ended: encode everything left (an incomplete tail goes opaque)."""
-        return self._encode(self.scanner.finish())
+        out = self._encode(self.scanner.finish(), wait=True)
+        if self._pool is not None:
+            self._pool.shutdown()
+        return out
 
-    def _encode(self, batches: list[ScannedBatch]) -> list[bytes]:
-        out: list[bytes] = []
+    def _encode(self, batches: list[ScannedBatch], *, wait: bool) -> list[bytes]:
         codec = self.codec
         iterations = self.scanner.iterations
-        for batch in batches:
-            data = codec.encode_batch(batch.items, self.compression)
-            # A batch never spans two iterations (the scanner cuts there), so its stats
-            # belong to one.
-            iterations[batch.iteration - 1].codec.add(codec.last_stats)
-            self.bytes_out += len(data)
-            out.append(data)
+        out: list[bytes] = []
+        if self._pool is None:
+            for batch in batches:
+                data = codec.encode_pages(batch.pages, self.compression)
+                # A batch never spans two iterations (the scanner cuts there), so its stats
+                # belong to one.
+                iterations[batch.iteration - 1].codec.add(codec.last_stats)
+                out.append(data)
+        else:
+            inflight = self._inflight
+            for batch in batches:
+                prepared = codec.prepare_pages(batch.pages, self.compression)
+                inflight.append((prepared, batch.iteration, self._pool.submit(prepared.finish)))
+            # Hand over every batch that is done, in order, and the rest too if asked to
+            # wait; else at most one stays in flight, compressing while the caller goes on.
+            while inflight and (wait or len(inflight) > 1 or inflight[0][2].done()):
+                prepared, iteration, done = inflight.popleft()
+                out.append(done.result())
+                iterations[iteration - 1].codec.add(prepared.stats)
+        self.bytes_out += sum(map(len, out))
         self.batches += len(out)
         return out
 

@@ -34,13 +34,15 @@ from dwcp_migrate.pagecodec.types import (
     Item,
     KindStats,
     OpaqueItem,
+    PageBatch,
     PageCodecConfig,
     PageItem,
 )
 
 __all__ = [
     "DATACENTER", "FORMAT_VERSION", "WAN", "CodecStats", "Compression", "CorruptBatchError",
-    "InvalidItemError", "Item", "KindStats", "OpaqueItem", "PageCodecConfig", "PageCodecError",
+    "InvalidItemError", "Item", "KindStats", "OpaqueItem", "PageBatch", "PageCodecConfig",
+    "PageCodecError",
     "PageDecoder", "PageEncoder", "PageItem", "PreparedBatch", "SessionMismatchError",
     "parse_session_header",
 ]

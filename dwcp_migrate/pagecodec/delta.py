@@ -12,6 +12,7 @@ wrong page that the batch's content check then catches.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dwcp_migrate.pagecodec.format import RUN_HEADER, RUN_MERGE_GAP, U8, U16, U64
+from dwcp_migrate.pagecodec.types import ByteData
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -42,7 +44,8 @@ def _gather_index(starts: IntArray, lens: IntArray) -> IntArray:
     return np.repeat(starts - ends_before, lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
-def find_deltas(new: list[bytes], old: list[bytes], page_size: int, max_bytes: int) -> Deltas:
+def find_deltas(new: Sequence[ByteData], old: Sequence[ByteData], page_size: int,
+                max_bytes: int) -> Deltas:
     """Compare each new page with its old version and choose which to send as deltas.
 
     A candidate becomes a delta if its runs cost at most ``max_bytes`` (run bytes plus
@@ -84,14 +87,17 @@ def find_deltas(new: list[bytes], old: list[bytes], page_size: int, max_bytes: i
     return Deltas(chosen, nruns, (starts & (page_size - 1)).astype(U16), lens.astype(U16), data)
 
 
-def apply_deltas(bases: list[bytes], nruns: UIntArray, run_off: UIntArray, run_len: UIntArray,
-                 data: memoryview | bytes, page_size: int) -> list[bytes]:
-    """Rebuild pages: each base page with its runs overwritten. Inputs must be validated."""
+def apply_deltas(bases: list[ByteData], nruns: UIntArray, run_off: UIntArray,
+                 run_len: UIntArray, data: memoryview | bytes, page_size: int
+                 ) -> list[ByteData]:
+    """Rebuild pages: each base page with its runs overwritten. Inputs must be validated.
+
+    Returns read-only views of one new buffer, a page each."""
     buf = bytearray().join(bases)
     arr = np.frombuffer(buf, U8)
     run_page = np.repeat(np.arange(len(bases), dtype=np.int64), nruns.astype(np.int64))
     starts = run_page * page_size + run_off.astype(np.int64)
     arr[_gather_index(starts, run_len.astype(np.int64))] = np.frombuffer(data, U8)
     del arr  # release the buffer export before copying out
-    out = bytes(buf)
+    out = memoryview(bytes(buf))
     return [out[i:i + page_size] for i in range(0, len(out), page_size)]

@@ -18,7 +18,7 @@ import zstandard
 from dwcp_migrate.pagecodec.errors import CorruptBatchError, SessionMismatchError
 from dwcp_migrate.pagecodec.types import Compression, PageCodecConfig
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: the content check leaves zero pages out (see metadata_check)
 
 # ---- session header ---------------------------------------------------------------------
 SESSION_MAGIC: Final = b"DWCP-HDE"
@@ -62,16 +62,24 @@ RUN_HEADER: Final = 4  # bytes of one delta run in the run table (offset u16, le
 RUN_MERGE_GAP: Final = 4
 
 
-def metadata_check(check: xxhash.xxh3_64, is_opaque: bytes, blocks: bytes, offsets: bytes,
+def metadata_check(check: xxhash.xxh3_64, kinds: bytes, blocks: bytes, offsets: bytes,
                    tags: bytes, opaque_lens: bytes, names: bytes) -> None:
     """Add a batch's metadata to its content check, after the original bytes.
 
+    The content check (format 2) is the xxh3-64 of: the xxh3-64 (u64) of every page that is
+    not a ZERO item, in page order; then every opaque byte, in order; then this metadata.
+    Hashing each page on its own lets the encoder use the same digest to find duplicates,
+    one pass over the page for both (format 1 hashed the pages into the check and again,
+    seeded, for the index, and hashed 4 KiB of zeros for every zero page). Zero pages have no
+    digest: the decoder makes them from nothing, and the kinds column says where they are.
+
     The original bytes alone would not notice a page rebuilt at the wrong offset, in the wrong
-    block or with the wrong tag, nor opaque runs cut at other places; so the check covers
-    which items are opaque, the block ids, absolute offsets and tags of the pages, the opaque
-    run lengths and the block names declared in the batch, each as its payload column.
+    block or with the wrong tag, a zero page and a page swapped, nor opaque runs cut at other
+    places; so the check covers the item kinds, the block ids, absolute offsets and tags of
+    the pages, the opaque run lengths and the block names declared in the batch, each as its
+    payload column.
     """
-    for part in (is_opaque, blocks, offsets, tags, opaque_lens, names):
+    for part in (kinds, blocks, offsets, tags, opaque_lens, names):
         check.update(part)
 
 

@@ -8,6 +8,7 @@ flag word, into the page's 16-bit ``tag``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal, TypeAlias
 
@@ -47,6 +48,96 @@ class OpaqueItem:
 
 
 Item: TypeAlias = PageItem | OpaqueItem
+
+
+@dataclass(slots=True)
+class PageBatch:
+    """A batch in columns: the same content as a list of items, without an object per page.
+
+    The fast input of :meth:`PageEncoder.prepare_pages` (``prepare_batch`` turns items into
+    one) and the output of :meth:`PageDecoder.decode_pages`. Pages are numbered from 0 in
+    stream order:
+
+    * ``offsets`` and ``tags``: one entry per page;
+    * ``data_at`` (ascending page numbers) and ``datas``: the pages that have data; every
+      other page is a page of zeros that needs no data at all (QEMU's ZERO records). A page
+      with data may still be all zeros (the encoder checks);
+    * ``blocks``: ``(first page, block name)``, in page order: the pages from ``first page``
+      up to the next entry's belong to that block (entries that cover no page are allowed);
+    * ``opaque_at`` and ``opaques``: opaque runs, each placed before page ``opaque_at[i]``
+      (after all pages when it equals the page count), in order.
+
+    The decoder fills ``datas`` for every page (``data_at`` is then ``range(pages)``), zero
+    pages included (one shared page of zeros), with ``bytes`` or read-only ``memoryview``.
+    """
+
+    offsets: list[int] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)
+    data_at: list[int] = field(default_factory=list)
+    datas: list[ByteData] = field(default_factory=list)
+    blocks: list[tuple[int, bytes]] = field(default_factory=list)
+    opaque_at: list[int] = field(default_factory=list)
+    opaques: list[ByteData] = field(default_factory=list)
+
+    @property
+    def pages(self) -> int:
+        return len(self.offsets)
+
+    def spans(self) -> list[tuple[int, int, bytes]]:
+        """``(first page, stop page, block name)`` of each block run."""
+        runs = self.blocks
+        stops = [first for first, _ in runs[1:]]
+        stops.append(len(self.offsets))
+        return [(first, stop, block) for (first, block), stop in zip(runs, stops, strict=False)]
+
+    @classmethod
+    def from_items(cls, items: Iterable[Item]) -> PageBatch:
+        """The columns of a list of items (raises TypeError for anything else)."""
+        batch = cls()
+        offsets, tags, data_at, datas = batch.offsets, batch.tags, batch.data_at, batch.datas
+        blocks = batch.blocks
+        cur: object = None
+        for item in items:
+            if type(item) is PageItem:
+                n = len(offsets)
+                block = item.block
+                if block is not cur:
+                    blocks.append((n, block))
+                    cur = block
+                offsets.append(item.offset)
+                tags.append(item.tag)
+                data_at.append(n)
+                datas.append(item.data)
+            elif type(item) is OpaqueItem:
+                batch.opaque_at.append(len(offsets))
+                batch.opaques.append(item.data)
+            else:
+                raise TypeError(f"{type(item).__name__} is neither PageItem nor OpaqueItem")
+        return batch
+
+    def items(self, page_size: int) -> list[Item]:
+        """The same batch as items (pages without data become ``page_size`` zero bytes)."""
+        out: list[Item] = []
+        append = out.append
+        zero: ByteData | None = None
+        datas: list[ByteData | None] = [None] * len(self.offsets)
+        for at, given in zip(self.data_at, self.datas, strict=True):
+            datas[at] = given
+        op = 0
+        op_at, opaques = self.opaque_at, self.opaques
+        for first, stop, block in self.spans():
+            for i in range(first, stop):
+                while op < len(op_at) and op_at[op] <= i:
+                    append(OpaqueItem(opaques[op]))
+                    op += 1
+                page = datas[i]
+                if page is None:
+                    if zero is None:
+                        zero = bytes(page_size)
+                    page = zero
+                append(PageItem(block, self.offsets[i], page, self.tags[i]))
+        out += [OpaqueItem(rest) for rest in opaques[op:]]
+        return out
 
 CodecName: TypeAlias = Literal["none", "zstd", "lz4"]
 ZSTD_MIN_LEVEL: Final = -7  # zstd's "fast" levels; below -7 the ratio collapses on RAM pages
@@ -100,9 +191,10 @@ class Compression:
         return f"{self.codec}:{self.level}"
 
 
-# The setting for fast links (the "datacenter" mode): lz4 keeps up with the rest of the
-# encode path on one core, zstd:1 would halve the throughput for ~10% smaller output (see
-# docs/PAGE-CODEC.md, "Measured").
+# The setting for fast links (the "datacenter" mode): lz4 is ~40% of the encode path's CPU
+# on one core; zstd:1 makes ~10% smaller output at ~20% less throughput, zstd:3 ~13% smaller
+# at ~38% less (1 GiB-guest captures, docs/BENCHMARKS.md, bench_codec). The WAN preset is
+# zstd:3; zstd:1 is 3% larger at ~1.3x its speed.
 DATACENTER: Final = Compression("lz4")
 WAN: Final = Compression("zstd", 3)
 

@@ -34,11 +34,11 @@ from dwcp_migrate.transports.errors import ConnectError, PeerError, TlsError
 from dwcp_migrate.transports.probe import Pattern, _chaos
 from dwcp_migrate.transports.session import SessionConfig
 from dwcp_migrate.transports.tcp import (
-    SessionServer,
     TcpSession,
     TransportConfig,
     connect_session,
 )
+from dwcp_migrate.transports.tcp_server import SessionServer
 from dwcp_migrate.transports.tls import TlsConfig, TransportSecurity
 
 PLAIN = TransportSecurity(plaintext=True)

@@ -26,11 +26,11 @@ from typing import Any
 from dwcp_migrate.transports.session import SessionConfig
 from dwcp_migrate.transports.sockopts import TcpOptions
 from dwcp_migrate.transports.tcp import (
-    SessionServer,
     TcpSession,
     TransportConfig,
     connect_session,
 )
+from dwcp_migrate.transports.tcp_server import SessionServer
 from dwcp_migrate.transports.tls import TlsConfig, TransportSecurity
 
 BLOCK = 1_000_003  # not a multiple of the frame size: sends are cut across frames

@@ -40,11 +40,11 @@ from dwcp_migrate.policies.mode import (
 from dwcp_migrate.transports.adapt import StreamRange
 from dwcp_migrate.transports.sockopts import TcpOptions
 from dwcp_migrate.transports.tcp import (
-    SessionServer,
     TcpSession,
     TransportConfig,
     connect_session,
 )
+from dwcp_migrate.transports.tcp_server import SessionServer
 
 log = logging.getLogger(__name__)
 

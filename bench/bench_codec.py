@@ -45,12 +45,12 @@ from dwcp_migrate.codec import ChannelStats, StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import TestbedError
 from dwcp_migrate.pagecodec import FORMAT_VERSION, Compression, PageCodecConfig
 from dwcp_migrate.paths import REPO_ROOT, build_dir, cache_dir
+from dwcp_migrate.testbed.benchdoc import write_section
 from dwcp_migrate.testbed.guests import SerialLog, WorkloadSpec, build_guests, guest_boot_args
 from dwcp_migrate.testbed.procs import Reaper
 from dwcp_migrate.testbed.qemu import GuestVM, QemuBinary
 
 DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench_codec:start -->", "<!-- bench_codec:end -->"
 CHUNK = 256 << 10
 SETTINGS = ("none", "lz4", "zstd:-1", "zstd:1", "zstd:3")
 PIPELINED = ("lz4", "zstd:-1", "zstd:1", "zstd:3")
@@ -566,14 +566,7 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("bench_codec", section, DOC)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,13 +24,13 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dwcp_migrate.testbed.benchdoc import write_section  # noqa: E402
 from dwcp_migrate.testbed.compare import (  # noqa: E402
     ALL_PLAIN,
     Row,
@@ -43,20 +43,12 @@ from dwcp_migrate.testbed.scenario import GuestSetup  # noqa: E402
 from dwcp_migrate.testbed.wan import WanSpec  # noqa: E402
 
 DOC = REPO / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench_migration:start -->", "<!-- bench_migration:end -->"
 LINKS = {"lan": None, "wan": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000),
          "wanloss": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000, loss=0.001)}
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("bench_migration", section, DOC)
 
 
 def main() -> int:

@@ -40,13 +40,13 @@ from typing import Any
 
 from dwcp_migrate.errors import DwcpError
 from dwcp_migrate.paths import REPO_ROOT
+from dwcp_migrate.testbed.benchdoc import write_section
 from dwcp_migrate.testbed.netns import Host, Network, TcpSettings
 from dwcp_migrate.testbed.procs import Reaper
 from dwcp_migrate.testbed.wan import WanLink, WanSpec, run_iperf3
 from dwcp_migrate.transports.certs import issue, load_or_make_ca
 
 DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench_transport:start -->", "<!-- bench_transport:end -->"
 PROBE = [sys.executable, "-m", "dwcp_migrate.transports.probe"]
 MIB = 1 << 20
 
@@ -280,14 +280,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("bench_transport", section, DOC)
 
 
 def main(argv: list[str] | None = None) -> int:

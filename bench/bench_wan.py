@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dwcp_migrate.errors import DwcpError
 from dwcp_migrate.paths import REPO_ROOT
+from dwcp_migrate.testbed.benchdoc import write_section
 from dwcp_migrate.testbed.netns import Network
 from dwcp_migrate.testbed.procs import Reaper
 from dwcp_migrate.testbed.wan import (
@@ -38,7 +39,6 @@ from dwcp_migrate.testbed.wan import (
 )
 
 DOC = REPO_ROOT / "docs" / "BENCHMARKS.md"
-START, END = "<!-- bench_wan:start -->", "<!-- bench_wan:end -->"
 CASES = [(8, "cubic"), (8, "bbr"), (1, "cubic"), (1, "bbr")]
 
 
@@ -139,15 +139,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    write_section("bench_wan", section, DOC)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,16 @@ def verify_destination(dst: GuestVM, passes: int = 2, timeout_s: float = 120) ->
     return True, f"{passes} verification passes after switchover, no corruption"
 
 
+def judge(bed: TestBed, src: GuestVM, dst: GuestVM, outcome: MigrationOutcome,
+          label: str) -> ScenarioResult:
+    """After switchover: RAM compared byte for byte, then the destination runs and verifies."""
+    ram = compare_guest_ram(src, dst, bed.workdir)
+    verified, detail = verify_destination(dst)
+    src.stop_process()
+    dst.stop_process()
+    return ScenarioResult(label, outcome, ram.identical, ram.describe(), verified, detail)
+
+
 def plain_migration(
     bed: TestBed,
     setup: GuestSetup,
@@ -125,11 +135,7 @@ def plain_migration(
                             min_iterations=min_iterations, timeout_s=timeout_s,
                             on_progress=on_progress)
     outcome.wall_time_s = time.monotonic() - started
-    ram = compare_guest_ram(src, dst, bed.workdir)
-    verified, detail = verify_destination(dst)
-    src.stop_process()
-    dst.stop_process()
-    return ScenarioResult(label, outcome, ram.identical, ram.describe(), verified, detail)
+    return judge(bed, src, dst, outcome, label)
 
 
 def agent_migration(
@@ -173,11 +179,7 @@ def agent_migration(
                             parameters=parameters, min_iterations=min_iterations,
                             timeout_s=timeout_s, on_progress=hook)
     outcome.wall_time_s = time.monotonic() - started
-    ram = compare_guest_ram(src, dst, bed.workdir)
-    verified, detail = verify_destination(dst)
-    src.stop_process()
-    dst.stop_process()
-    return ScenarioResult(label, outcome, ram.identical, ram.describe(), verified, detail)
+    return judge(bed, src, dst, outcome, label)
 
 
 def format_results(results: list[ScenarioResult]) -> str:

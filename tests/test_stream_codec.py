@@ -559,9 +559,10 @@ def test_real_capture_round_trip_and_destination_accepts(
           f"{ram['dirty-sync-count']} syncs")
     assert zero == ram["duplicate"]
     if scenario == "multifd" and major == 7:
-        # QEMU 7.2's normal-page counter is a few pages short with multifd (seen: 9719 counted,
-        # 9726 on the wire, all accepted by the destination): allow 0.5 %.
-        assert ram["normal"] <= normal <= ram["normal"] * 1.005
+        # QEMU 7.2's normal-page counter falls short with multifd (seen: 9719 counted and 9726
+        # on the wire; 9692 and 9743), all accepted by the destination: the pages of packets
+        # sent with a SYNC are not all counted. At most one packet (128 pages) per channel.
+        assert ram["normal"] <= normal <= ram["normal"] + 128 * len(cap.multifd)
     else:
         assert normal == ram["normal"]
     if scenario == "multi":

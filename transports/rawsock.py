@@ -106,6 +106,36 @@ class RawTransport(asyncio.Transport):
             self._paused = True
             self._protocol.pause_writing()
 
+    def writelines(self, data: Any) -> None:
+        """Write several buffers with one ``sendmsg``; what the kernel does not take is kept
+        as views, uncopied (the buffers must not change until sent: AMST's do not)."""
+        if self._closing:
+            return
+        views = [v for v in (memoryview(d).cast("B") for d in data) if v]
+        if not views:
+            return
+        if not self._out:
+            try:
+                n = self._sock.sendmsg(views[:_MAX_IOV])
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            while views and n >= len(views[0]):
+                n -= len(views.pop(0))
+            if not views:
+                return
+            if n:
+                views[0] = views[0][n:]
+            self._loop.add_writer(self._fd, self._write_ready)
+            self._writer = True
+        self._out.extend(views)
+        self._out_size += sum(len(v) for v in views)
+        if not self._paused and self._out_size > self._high:
+            self._paused = True
+            self._protocol.pause_writing()
+
     def _write_ready(self) -> None:
         out = self._out
         try:

@@ -190,13 +190,21 @@ class _Conn(asyncio.BufferedProtocol):
         own buffer (a 1 MiB frame written whole to a socket with room for half of it: a
         512 KiB copy, about a tenth of the sender's CPU on the LAN). Slices bound that copy;
         on the LAN, 512 KiB slices beat 128 KiB ones by about 15 % (fewer calls). The
-        frames stay committed to this connection.
+        frames stay committed to this connection. The plain transport (RawTransport) keeps
+        unsent buffers as views, uncopied: all pending buffers go to it at once, one
+        ``sendmsg`` for a frame's header and payload (on the LAN +8 % goodput against a
+        header and two slices written apart).
         """
         transport = self.transport
         pending = self.pending
         if transport is None or self.closed:
             pending.clear()
             return False
+        if isinstance(transport, RawTransport):
+            if pending and self.writable:
+                transport.writelines(pending)
+                pending.clear()
+            return self.writable
         while pending and self.writable:
             buf = pending[0]
             if len(buf) <= WRITE_SLICE:

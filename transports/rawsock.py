@@ -39,6 +39,7 @@ class RawTransport(asyncio.Transport):
         self._writer = False
         self._closing = False
         self._closed = False
+        self._eof_wanted = False  # write_eof() called: shut the write side once all is sent
         sock.setblocking(False)
         protocol.connection_made(self)
         if not self._closing:
@@ -82,7 +83,7 @@ class RawTransport(asyncio.Transport):
 
     # ---- writing --------------------------------------------------------------------------
     def write(self, data: Any) -> None:
-        if self._closing:
+        if self._closing or self._eof_wanted:
             return
         view = memoryview(data).cast("B")
         if not view:
@@ -109,7 +110,7 @@ class RawTransport(asyncio.Transport):
     def writelines(self, data: Any) -> None:
         """Write several buffers with one ``sendmsg``; what the kernel does not take is kept
         as views, uncopied (the buffers must not change until sent: AMST's do not)."""
-        if self._closing:
+        if self._closing or self._eof_wanted:
             return
         views = [v for v in (memoryview(d).cast("B") for d in data) if v]
         if not views:
@@ -160,6 +161,8 @@ class RawTransport(asyncio.Transport):
             if self._closing:
                 self._finish(None)
                 return
+            if self._eof_wanted:
+                self._shutdown_write()
         if self._paused and self._out_size <= self._low:
             self._paused = False
             self._protocol.resume_writing()
@@ -172,7 +175,21 @@ class RawTransport(asyncio.Transport):
         self._low = self._high // 4 if low is None else low
 
     def can_write_eof(self) -> bool:
-        return False
+        return True
+
+    def write_eof(self) -> None:
+        """Shut down our sending side once everything written so far is sent."""
+        if self._closing or self._eof_wanted:
+            return
+        self._eof_wanted = True
+        if not self._out:
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._fatal(exc)
 
     # ---- closing --------------------------------------------------------------------------
     def is_closing(self) -> bool:

@@ -40,7 +40,7 @@ class ChannelEncoder:
         finally:
             self.cpu_s += time.thread_time() - started
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
         return self._timed(lambda: self.encoder.feed(data))
 
     def flush(self) -> list[bytes]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from dwcp_migrate.agent.datapath import (
     run_pumps,
     session_to_qemu,
 )
+from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, connect_qemu
 from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.policies.mode import (
@@ -84,7 +84,7 @@ class Agent:
             adapt=StreamRange(config.transport.min_streams, config.transport.max_streams)
             if config.transport.adapt else None,
         )
-        self._unix_servers: list[asyncio.Server] = []
+        self._unix_servers: list[QemuListener] = []
         self._session_server: SessionServer | None = None
         self._admin: AdminServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -106,13 +106,9 @@ class Agent:
         (cfg.socket_dir / "to").mkdir(parents=True, exist_ok=True)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         for peer in cfg.peers.values():
-            path = cfg.outgoing_socket(peer.name)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # a stale socket of an earlier run
-            server = await asyncio.start_unix_server(
-                self._qemu_handler(peer), path=str(path), limit=4 * 1024 * 1024)
-            os.chmod(path, 0o600)
-            self._unix_servers.append(server)
+            listener = QemuListener(cfg.outgoing_socket(peer.name), self._qemu_handler(peer))
+            await listener.start(mode=0o600)
+            self._unix_servers.append(listener)
         self._session_server = SessionServer(name=cfg.name, config=self.transport,
                                              allowed_peers=list(cfg.peers))
         await self._session_server.start(cfg.listen_host, cfg.listen_port)
@@ -199,10 +195,9 @@ class Agent:
                 "refusing_incoming": self.refuse_incoming, **self.migrations.snapshot()}
 
     # ---- source side ----------------------------------------------------------------------
-    def _qemu_handler(self, peer: PeerConfig) -> Callable[
-            [asyncio.StreamReader, asyncio.StreamWriter], None]:
-        def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self._spawn(self._on_qemu_connection(peer, reader, writer))
+    def _qemu_handler(self, peer: PeerConfig) -> Callable[[QemuConnection], None]:
+        def handler(qemu: QemuConnection) -> None:
+            self._spawn(self._on_qemu_connection(peer, qemu))
         return handler
 
     def _outgoing_for(self, peer: PeerConfig) -> OutgoingMigration:
@@ -218,8 +213,7 @@ class Agent:
         self._outgoing[peer.name] = current
         return current
 
-    async def _on_qemu_connection(self, peer: PeerConfig, reader: asyncio.StreamReader,
-                                  writer: asyncio.StreamWriter) -> None:
+    async def _on_qemu_connection(self, peer: PeerConfig, qemu: QemuConnection) -> None:
         mig = self._outgoing_for(peer)
         index = mig.next_index
         mig.next_index += 1
@@ -266,9 +260,9 @@ class Agent:
                      mode, reason)
             loop = asyncio.get_running_loop()
             up = asyncio.ensure_future(qemu_to_session(
-                reader, session, counters, encoder,
+                qemu, session, counters, encoder,
                 (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None))
-            down = asyncio.ensure_future(session_to_qemu(messages, writer, counters, None,
+            down = asyncio.ensure_future(session_to_qemu(messages, qemu, counters, None,
                                                          count_as_return=True))
             await run_pumps(up, down, session, peer.name)
             await session.close()
@@ -282,7 +276,7 @@ class Agent:
             if session is not None:
                 session.abort(error)
         finally:
-            _close_qemu(writer, abort=error is not None)
+            _close_qemu(qemu, abort=error is not None)
             if index == 0:
                 mig.main_open = False
             mig.open_channels -= 1
@@ -356,37 +350,37 @@ class Agent:
         counters = mig.record.channel(index)
         mig.open_channels += 1
         error: str | None = None
-        writer: asyncio.StreamWriter | None = None
+        qemu: QemuConnection | None = None
         try:
             decoder = make_decoder(self.config.codec, request.get("codec")) \
                 if request["mode"] == "encode" else None
             if index > 0:  # keep the order of arrival: QEMU 7.2 relies on it
                 async with asyncio.timeout(QEMU_CONNECT_TIMEOUT):
                     await mig.event(index - 1).wait()
-            reader, writer = await _connect_qemu(self.config.outgoing_socket(self.config.name))
+            qemu = await _connect_qemu(self.config.outgoing_socket(self.config.name))
             mig.event(index).set()
             for part in encode_json(MessageType.ACCEPT, {"channel": index}):
                 counters.wire_bytes += len(part)
                 await session.send(part)
             loop = asyncio.get_running_loop()
             down = asyncio.ensure_future(session_to_qemu(
-                messages, writer, counters, decoder, count_as_return=False,
+                messages, qemu, counters, decoder, count_as_return=False,
                 run_decoder=(lambda fn: loop.run_in_executor(None, fn))
                 if decoder is not None else None))
-            up = asyncio.ensure_future(qemu_to_session(reader, session, counters, None))
+            up = asyncio.ensure_future(qemu_to_session(qemu, session, counters, None))
             await run_pumps(down, up, session, messages.peer)
             await session.close()
             mig.record.transport[str(index)] = _transport_stats(session)
         except (Exception, asyncio.CancelledError) as exc:
             error = _describe(exc, f"delivering the migration from {messages.peer}")
             with contextlib.suppress(Exception):
-                if writer is None:  # nothing reached QEMU: tell the source why
+                if qemu is None:  # nothing reached QEMU: tell the source why
                     async with asyncio.timeout(2):
                         await session.send(b"".join(_refuse(error)))
             session.abort(error)
         finally:
-            if writer is not None:
-                _close_qemu(writer, abort=error is not None)
+            if qemu is not None:
+                _close_qemu(qemu, abort=error is not None)
             counters.wire_bytes += messages.wire_bytes
             mig.open_channels -= 1
             if error:
@@ -422,12 +416,12 @@ def _refuse(reason: str) -> list[bytes]:
     return encode(MessageType.REFUSE, reason.encode()[:4096])
 
 
-async def _connect_qemu(path: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect_qemu(path: Any) -> QemuConnection:
     """Connect to the incoming QEMU; it may still be creating its socket."""
     deadline = time.monotonic() + QEMU_CONNECT_TIMEOUT
     while True:
         try:
-            return await asyncio.open_unix_connection(str(path), limit=4 * 1024 * 1024)
+            return await connect_qemu(path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if time.monotonic() > deadline:
                 raise MigrationError(f"no QEMU is listening at {path} on this host (is the "
@@ -436,11 +430,11 @@ async def _connect_qemu(path: Any) -> tuple[asyncio.StreamReader, asyncio.Stream
             await asyncio.sleep(0.05)
 
 
-def _close_qemu(writer: asyncio.StreamWriter, *, abort: bool) -> None:
+def _close_qemu(qemu: QemuConnection, *, abort: bool) -> None:
     if abort:
-        writer.transport.abort()  # a reset: QEMU must see a failure, not a clean end
+        qemu.abort()  # a reset: QEMU must see a failure, not a clean end
     else:
-        writer.close()
+        qemu.close()
 
 
 def _describe(exc: BaseException, doing: str) -> str:

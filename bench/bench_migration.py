@@ -4,6 +4,7 @@ Usage (as root, after scripts/setup.sh):
 
     .venv/bin/python bench/bench_migration.py [--write-doc] [--links lan,wan,wanloss]
         [--memory 1024] [--working-set 512] [--dirty 8] [--plain-timeout 120]
+        [--repeats 3] [--loss-repeats 1]
 
 For each link (LAN; WAN 50 ms RTT, 1 Gbit/s; the same WAN with 0.1% loss) a two-host bed
 with stock host TCP settings (cubic, 4 MiB send buffer) is built, and the bare-metal test
@@ -16,6 +17,9 @@ Bytes on the wire are counted by the WAN emulator (both directions, IP packets),
 row is measured the same way; on the LAN, QEMU's own ram.transferred (plain) and the agents'
 wire bytes (dwcp) are reported. Agent CPU is user+system seconds of both agent processes.
 Every run checks RAM identity at switchover and the guest's verification afterwards.
+Every run lifts QEMU's default 128 MiB/s throttle (max-bandwidth), as libvirt does. On the
+LAN and the WAN each configuration runs ``--repeats`` times (a fresh bed each round) and the
+run with the median total time is reported: single runs on this 2-core machine spread widely.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dwcp_migrate.testbed.compare import (  # noqa: E402
     ALL_PLAIN,
     Row,
     format_rows,
+    median_rows,
     run_comparison,
     summarize,
 )
@@ -59,22 +64,30 @@ def main() -> int:
     parser.add_argument("--working-set", type=int, default=512)
     parser.add_argument("--dirty", type=float, default=8)
     parser.add_argument("--plain-timeout", type=float, default=120)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per configuration on lan and wan (median reported)")
+    parser.add_argument("--loss-repeats", type=int, default=1,
+                        help="runs per configuration on wanloss (plain runs time out there)")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args()
     setup = GuestSetup("baremetal", args.memory, WorkloadSpec(
         working_set_mib=args.working_set, dirty_mib_per_s=args.dirty))
     rows: list[Row] = []
     for link in args.links.split(","):
-        rows += run_comparison(link, LINKS[link], setup, ALL_PLAIN,
-                               timeout_s=args.plain_timeout)
-        print(format_rows([r for r in rows if r.link == link]), flush=True)
-    table = format_rows(rows)
-    summary = "\n".join(summarize(rows, args.plain_timeout))
+        for _ in range(args.loss_repeats if link == "wanloss" else args.repeats):
+            rows += run_comparison(link, LINKS[link], setup, ALL_PLAIN,
+                                   timeout_s=args.plain_timeout)
+            print(format_rows([r for r in rows if r.link == link]), flush=True)
+    medians = median_rows(rows)
+    table = format_rows(medians)
+    summary = "\n".join(summarize(medians, args.plain_timeout))
     print(table)
     print(summary)
     if args.write_doc:
         cmd = "sudo .venv/bin/python bench/bench_migration.py --write-doc" + \
-            ("" if args.links == "lan,wan,wanloss" else f" --links {args.links}")
+            ("" if args.links == "lan,wan,wanloss" else f" --links {args.links}") + \
+            ("" if args.repeats == 3 else f" --repeats {args.repeats}") + \
+            ("" if args.loss_repeats == 1 else f" --loss-repeats {args.loss_repeats}")
         section = (
             "## Live migration: plain QEMU against dwcp (bench/bench_migration.py)\n\n"
             f"Command: `{cmd}`  \n"
@@ -82,7 +95,10 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, QEMU 10.0 (TCG), bare-metal test guest: {args.memory} MiB "
             f"RAM, {args.working_set} MiB working set dirtying {args.dirty:g} MiB/s. Stock "
             "host TCP settings (cubic, 4 MiB send buffer) on both hosts; the agents set their "
-            "own sockets (bbr). Plain runs are given "
+            "own sockets (bbr). QEMU's default 128 MiB/s throttle (max-bandwidth) is lifted "
+            "in every run, as libvirt does. Medians of "
+            f"{args.repeats} runs on lan and wan (each round on a fresh bed; every run's time "
+            f"in the note), {args.loss_repeats} on wanloss. Plain runs are given "
             f"{args.plain_timeout:.0f} s. Bytes on the wire: counted by the WAN emulator "
             "(IP packets, both directions); on the LAN, QEMU's ram.transferred (plain) and "
             "the agents' message bytes (dwcp). Agent CPU: user+system seconds of both agents."

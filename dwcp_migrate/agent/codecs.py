@@ -17,6 +17,13 @@ from dwcp_migrate.codec import StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec import Compression, PageCodecConfig
 from dwcp_migrate.policies.mode import Mode
+from dwcp_migrate.stream import (
+    ChannelKind,
+    MainChannelParser,
+    MemSize,
+    StreamError,
+    classify_channel,
+)
 
 PAGE_SIZE = 4096  # x86 target pages; the stream codec refuses a stream of another size
 
@@ -26,9 +33,34 @@ def compression_for(settings: CodecSettings, mode: Mode) -> Compression:
     return settings.wan if mode is Mode.INTERNET else settings.datacenter
 
 
+def guest_ram_bytes(prefix: bytes) -> int | None:
+    """The guest's RAM size from the MEM_SIZE record near the start of a main channel
+    (``prefix``: its first bytes); None if ``prefix`` does not reach it or is no main
+    channel."""
+    if classify_channel(prefix) is not ChannelKind.MAIN:
+        return None
+    try:
+        records = MainChannelParser(PAGE_SIZE).feed(prefix)
+    except StreamError:
+        return None
+    return next((r.total for r in records if isinstance(r, MemSize)), None)
+
+
+def cache_bytes_for(settings: CodecSettings, guest_ram: int | None) -> int:
+    """The page cache of one channel: ``codec.cache_mib`` at most, and no bigger than the
+    guest's RAM when that is known (more could only hold older versions of pages)."""
+    limit = settings.cache_mib << 20
+    if guest_ram is None or guest_ram <= 0:
+        return limit
+    pages = -(-guest_ram // PAGE_SIZE)
+    return min(limit, max(1, pages) * PAGE_SIZE)
+
+
 class ChannelEncoder:
-    def __init__(self, settings: CodecSettings, mode: Mode) -> None:
-        self.config = PageCodecConfig(page_size=PAGE_SIZE, cache_bytes=settings.cache_mib << 20,
+    def __init__(self, settings: CodecSettings, mode: Mode, guest_ram: int | None = None
+                 ) -> None:
+        self.config = PageCodecConfig(page_size=PAGE_SIZE,
+                                      cache_bytes=cache_bytes_for(settings, guest_ram),
                                       compression=compression_for(settings, mode))
         self.encoder = StreamEncoder(self.config)
         self.cpu_s = 0.0  # thread CPU spent encoding (for the record and for tuning)
@@ -64,6 +96,7 @@ class ChannelEncoder:
                                "encode_cpu_s": round(self.cpu_s, 3),
                                "batches": self.encoder.batches,
                                "compression": self.describe()["compression"],
+                               "cache_bytes": self.config.cache_bytes,
                                **self.encoder.stats.as_dict()}
         return out
 
@@ -95,8 +128,9 @@ class ChannelDecoder:
             self.cpu_s += time.thread_time() - started
 
 
-def make_encoder(settings: CodecSettings, mode: Mode) -> ChannelEncoder:
-    return ChannelEncoder(settings, mode)
+def make_encoder(settings: CodecSettings, mode: Mode, guest_ram: int | None = None
+                 ) -> ChannelEncoder:
+    return ChannelEncoder(settings, mode, guest_ram)
 
 
 def make_decoder(settings: CodecSettings, description: Any) -> ChannelDecoder:

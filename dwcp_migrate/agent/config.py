@@ -46,7 +46,7 @@ class CodecSettings:
     datacenter: Compression = field(default_factory=lambda: Compression.parse("lz4"))
     # zstd:1: about the ratio of zstd:3 at twice the speed on migration streams (DESIGN.md)
     wan: Compression = field(default_factory=lambda: Compression.parse("zstd:1"))
-    cache_mib: int = 256  # page cache on each side, per migration channel
+    cache_mib: int = 1024  # page cache on each side, per migration channel, at most (codecs.py)
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def parse_config(data: Any, source: Path | None = None) -> AgentConfig:
         mode=mode,
         datacenter=_compression(cs.get("datacenter", "lz4"), cs.key("datacenter")),
         wan=_compression(cs.get("wan", "zstd:1"), cs.key("wan")),
-        cache_mib=cs.integer("cache_mib", 256, 1, 65536),
+        cache_mib=cs.integer("cache_mib", 1024, 1, 65536),
     )
     cs.finish()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from dwcp_migrate.agent.admin import AdminServer
 from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, encode_json
-from dwcp_migrate.agent.codecs import make_decoder, make_encoder
+from dwcp_migrate.agent.codecs import guest_ram_bytes, make_decoder, make_encoder
 from dwcp_migrate.agent.config import AgentConfig, PeerConfig
 from dwcp_migrate.agent.datapath import (
     MessageStream,
@@ -28,9 +28,10 @@ from dwcp_migrate.agent.datapath import (
     run_pumps,
     session_to_qemu,
 )
-from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, connect_qemu
+from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
 from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
+from dwcp_migrate.pagecodec.memory import release_pool
 from dwcp_migrate.policies.mode import (
     ModeTracker,
     PathSample,
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 30.0  # destination: deliver to QEMU and answer within this
 QEMU_CONNECT_TIMEOUT = 20.0  # destination: wait this long for the incoming QEMU's socket
+READ_AHEAD_BYTES = 64 << 20  # source: read from QEMU during the session handshake, at most
+FIRST_BYTES_WAIT = 1.0  # source: wait this long for QEMU's first bytes (guest RAM size)
+MEM_SIZE_PREFIX = 64 << 10  # MEM_SIZE comes within QEMU's first bytes (header, config)
+POOL_IDLE_S = 30.0  # no migration for this long: unmap the pooled page caches
 
 
 @dataclass
@@ -61,6 +66,7 @@ class OutgoingMigration:
     next_index: int = 0
     main_open: bool = True
     errors: list[str] = field(default_factory=list)
+    guest_ram: int | None = None  # from the main channel's MEM_SIZE, for the other channels
 
 
 @dataclass
@@ -99,6 +105,9 @@ class Agent:
         # TCP sessions (the RDMA transport is tested only against a fake verbs layer).
         self.transport_choice: tuple[str, str] = ("tcp", "not chosen yet")
         self._trackers: dict[str, ModeTracker] = {}  # peer -> path mode history
+        # Page caches of ended migrations stay mapped for the next one (pagecodec.memory)
+        # until the agent has been idle this long.
+        self._pool_timer: asyncio.TimerHandle | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,6 +131,8 @@ class Agent:
                  ", ".join(cfg.peers) or "none")
 
     async def stop(self) -> None:
+        if self._pool_timer is not None:
+            self._pool_timer.cancel()
         for server in self._unix_servers:
             server.close()
         if self._session_server is not None:
@@ -194,6 +205,22 @@ class Agent:
                 "uptime_s": time.time() - self.started,
                 "refusing_incoming": self.refuse_incoming, **self.migrations.snapshot()}
 
+    def _finish(self, record: MigrationRecord, error: str | None) -> None:
+        self.migrations.finish(record, error)
+        if self._pool_timer is not None:
+            self._pool_timer.cancel()
+        self._pool_timer = asyncio.get_running_loop().call_later(
+            POOL_IDLE_S, self._release_caches)
+
+    def _release_caches(self) -> None:
+        """Idle for a while: give the pooled page caches' memory back to the system."""
+        self._pool_timer = None
+        if not self.migrations.active:
+            freed = release_pool()
+            if freed:
+                log.info("released %d MiB of pooled page caches (idle %g s)", freed >> 20,
+                         POOL_IDLE_S)
+
     # ---- source side ----------------------------------------------------------------------
     def _qemu_handler(self, peer: PeerConfig) -> Callable[[QemuConnection], None]:
         def handler(qemu: QemuConnection) -> None:
@@ -221,6 +248,8 @@ class Agent:
         counters = mig.record.channel(index)
         error: str | None = None
         session: TcpSession | None = None
+        # QEMU streams on into memory during the handshake (several round trips on a WAN).
+        ahead = ReadAhead(qemu, READ_AHEAD_BYTES)
         try:
             started = time.monotonic()
             session = await connect_session(
@@ -239,8 +268,15 @@ class Agent:
             mode, reason = choose_data_path(self.config.codec.mode, decision)
             if index == 0:
                 mig.record.mode, mig.record.mode_reason = mode, reason
-            encoder = make_encoder(self.config.codec, decision.mode) \
-                if mode == "encode" else None
+            encoder = None
+            if mode == "encode":
+                # The guest's RAM size (MEM_SIZE, in QEMU's first write) bounds the cache.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FIRST_BYTES_WAIT):
+                        await ahead.first.wait()
+                if index == 0:
+                    mig.guest_ram = guest_ram_bytes(ahead.prefix(MEM_SIZE_PREFIX))
+                encoder = make_encoder(self.config.codec, decision.mode, mig.guest_ram)
             open_msg: dict[str, Any] = {
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,
@@ -259,9 +295,11 @@ class Agent:
             log.info("migration %s channel %d to %s: %s (%s)", mig.record.id, index, peer.name,
                      mode, reason)
             loop = asyncio.get_running_loop()
+            head, head_eof = await ahead.stop()
             up = asyncio.ensure_future(qemu_to_session(
                 qemu, session, counters, encoder,
-                (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None))
+                (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None,
+                head=head, head_eof=head_eof))
             down = asyncio.ensure_future(session_to_qemu(messages, qemu, counters, None,
                                                          count_as_return=True))
             await run_pumps(up, down, session, peer.name)
@@ -276,6 +314,8 @@ class Agent:
             if session is not None:
                 session.abort(error)
         finally:
+            with contextlib.suppress(BaseException):
+                await ahead.stop()
             _close_qemu(qemu, abort=error is not None)
             if index == 0:
                 mig.main_open = False
@@ -283,7 +323,7 @@ class Agent:
             if error:
                 mig.errors.append(f"channel {index}: {error}")
             if mig.open_channels == 0 and not mig.main_open:
-                self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
+                self._finish(mig.record, "; ".join(mig.errors) or None)
                 if self._outgoing.get(peer.name) is mig:
                     del self._outgoing[peer.name]
 
@@ -386,7 +426,7 @@ class Agent:
             if error:
                 mig.errors.append(f"channel {index}: {error}")
             if mig.open_channels == 0:
-                self.migrations.finish(mig.record, "; ".join(mig.errors) or None)
+                self._finish(mig.record, "; ".join(mig.errors) or None)
                 self._incoming.pop(mig.record.id, None)
 
 

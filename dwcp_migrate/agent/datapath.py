@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -124,7 +124,9 @@ async def _first_error(*coros: Coroutine[Any, Any, None]) -> None:
 
 async def qemu_to_session(reader: QemuReader, session: Session,
                           counters: ChannelCounters, encoder: ChunkEncoder | None,
-                          run_encoder: Executor | None = None) -> None:
+                          run_encoder: Executor | None = None, *,
+                          head: Sequence[bytes | memoryview] = (),
+                          head_eof: bool = False) -> None:
     """Source side upstream. Ends with an EOF message when QEMU closes its stream.
 
     With an encoder, three stages overlap (read from QEMU | encode in a worker thread | send),
@@ -133,9 +135,15 @@ async def qemu_to_session(reader: QemuReader, session: Session,
     read for ``IDLE_FLUSH_S``) whatever is pending is flushed at once. Without that, a small
     message QEMU waits on an answer for (a return-path PING, the switchover handshake) would
     sit in a half-full batch forever.
+
+    ``head``: what was read from QEMU before (see qemuio.ReadAhead), carried first;
+    ``head_eof``: QEMU's stream ended there.
     """
     if encoder is None:
-        while chunk := await reader.read(READ_SIZE):
+        for chunk in head:
+            counters.bytes_from_qemu += len(chunk)
+            await send_message(session, counters, MessageType.RAW, chunk)
+        while not head_eof and (chunk := await reader.read(READ_SIZE)):
             counters.bytes_from_qemu += len(chunk)
             await send_message(session, counters, MessageType.RAW, chunk)
         await send_message(session, counters, MessageType.EOF)
@@ -145,6 +153,12 @@ async def qemu_to_session(reader: QemuReader, session: Session,
     batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
 
     async def read_stage() -> None:
+        for chunk in head:
+            counters.bytes_from_qemu += len(chunk)
+            await chunks.put(chunk)
+        if head_eof:
+            await chunks.put(_END)
+            return
         while True:
             try:
                 # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that

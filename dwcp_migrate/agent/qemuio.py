@@ -222,3 +222,46 @@ async def connect_qemu(path: Path) -> QemuConnection:
     protocol = QemuConnection()
     RawTransport(loop, sock, protocol)
     return protocol
+
+
+class ReadAhead:
+    """Reads a QEMU connection into memory (up to ``limit`` bytes) while the agent is busy
+    with something else, the session handshake: QEMU streams on instead of waiting several
+    round trips, and the first bytes (with the guest's RAM size) are at hand to configure
+    the encoder. :meth:`stop` hands over what was read; nothing is lost."""
+
+    def __init__(self, conn: QemuConnection, limit: int) -> None:
+        self.chunks: list[bytes | memoryview] = []
+        self.size = 0
+        self.eof = False
+        self.first = asyncio.Event()
+        self._conn = conn
+        self._limit = limit
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self.size < self._limit:
+            chunk = await self._conn.read()
+            self.first.set()
+            if not chunk:
+                self.eof = True
+                return
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+
+    def prefix(self, size: int) -> bytes:
+        """The first ``size`` bytes read so far (fewer if fewer were read)."""
+        out = bytearray()
+        for chunk in self.chunks:
+            if len(out) >= size:
+                break
+            out += chunk[:size - len(out)]
+        return bytes(out)
+
+    async def stop(self) -> tuple[list[bytes | memoryview], bool]:
+        """Stop reading; returns the chunks read and whether QEMU's stream had ended. A
+        read error of QEMU's connection is raised here."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        return self.chunks, self.eof

@@ -75,6 +75,17 @@ def _release(arena: mmap.mmap, touched: list[int]) -> None:
             _pool.pop()[1].close()
 
 
+def release_pool() -> int:
+    """Unmap every pooled page-cache mapping (an agent does this when it has been idle for a
+    while: pooled caches are resident memory); returns the bytes released."""
+    with _lock:
+        freed = sum(len(e[1]) for e in _pool)
+        for _touched, arena in _pool:
+            arena.close()
+        _pool.clear()
+    return freed
+
+
 def tune_allocator() -> bool:
     """Keep batch-sized buffers' memory in the process (see the module doc), once.
 
@@ -99,4 +110,4 @@ def _set_thresholds() -> bool:
 
 
 __all__ = ["MMAP_THRESHOLD", "POOL_ARENAS", "POOL_BYTES", "TRIM_THRESHOLD", "new_arena",
-           "tune_allocator"]
+           "release_pool", "tune_allocator"]

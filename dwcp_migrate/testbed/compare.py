@@ -158,6 +158,29 @@ def run_comparison(
     return rows
 
 
+def median_rows(rows: Sequence[Row]) -> list[Row]:
+    """One row per (link, run) over repeated runs: the run with the median total time among
+    those that completed (a real run, not averaged), its note listing every run; a
+    configuration that never completed keeps its first row."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.link, r.label), []).append(r)
+    out: list[Row] = []
+    for group in groups.values():
+        done = sorted((r for r in group if r.status == "completed" and r.total_s is not None),
+                      key=lambda r: r.total_s or 0.0)
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        pick = done[(len(done) - 1) // 2] if done else group[0]
+        runs = ", ".join(f"{r.total_s:.2f} s" if r.status == "completed" and r.total_s
+                         is not None else r.status for r in group)
+        note = f"median of {len(group)} runs: {runs}"
+        out.append(Row(**{**pick.__dict__, "note": f"{note}; {pick.note}" if pick.note
+                          else note}))
+    return out
+
+
 def format_rows(rows: Sequence[Row]) -> str:
     def yn(v: bool | None) -> str:
         return "-" if v is None else ("yes" if v else "NO")

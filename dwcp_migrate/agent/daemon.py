@@ -292,8 +292,9 @@ class Agent:
                 raise MigrationError(f"agent {peer.name} refused the migration: {why}")
             if reply.type is not MessageType.ACCEPT:
                 raise MigrationError(f"agent {peer.name} answered OPEN with {reply.type.name}")
-            log.info("migration %s channel %d to %s: %s (%s)", mig.record.id, index, peer.name,
-                     mode, reason)
+            log.info("migration %s channel %d to %s: %s (%s); session up in %.3f s, "
+                     "accepted after %.3f s", mig.record.id, index, peer.name, mode, reason,
+                     connect_s, time.monotonic() - started)
             loop = asyncio.get_running_loop()
             head, head_eof = await ahead.stop()
             up = asyncio.ensure_future(qemu_to_session(

@@ -33,6 +33,7 @@ from dwcp_migrate.transports.certs import issue, load_or_make_ca
 from dwcp_migrate.transports.errors import ConnectError, PeerError, TlsError
 from dwcp_migrate.transports.probe import Pattern, _chaos
 from dwcp_migrate.transports.session import SessionConfig
+from dwcp_migrate.transports.sockopts import TcpOptions, congestion_control
 from dwcp_migrate.transports.tcp import (
     TcpSession,
     TransportConfig,
@@ -145,6 +146,30 @@ def test_connection_count_changes_mid_transfer() -> None:
     assert counts == [2, 5]
     assert stats.connections_lost == 0 and stats.frames_resent == 0
     assert stats.connections_opened == 4 + 3
+
+
+def test_retune_changes_congestion_control_of_live_and_later_connections() -> None:
+    """What the agent does once the path mode is known (cubic in a datacenter)."""
+    seen: list[set[str]] = []
+
+    async def retune(session: TcpSession) -> None:
+        await asyncio.sleep(0.02)
+        session.retune(TcpOptions(congestion_control="reno"))
+        seen.append({congestion_control(c.sock) for c in session._conns.values()
+                     if c.sock is not None})
+        session.set_target(3)  # the one that joins now gets the new setting too
+        while session.n_connections != 3:
+            await asyncio.sleep(0.001)
+        seen.append({congestion_control(c.sock) for c in session._conns.values()
+                     if c.sock is not None})
+
+    cfg = _config(tcp=TcpOptions(congestion_control="cubic"),
+                  session=SessionConfig(max_payload=256 * 1024, send_window=8 * MIB,
+                                        recv_window=8 * MIB))
+    client, _ = _run(_exchange(cfg, cfg, a_to_b=256 * MIB, b_to_a=MIB, streams=2,
+                               during=retune))
+    assert seen == [{"reno"}, {"reno"}]
+    assert client.stats().congestion_control == "reno"
 
 
 def test_plaintext_must_be_asked_for(caplog: pytest.LogCaptureFixture) -> None:

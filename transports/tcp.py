@@ -32,7 +32,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from dwcp_migrate.transports.adapt import GoodputSample, StreamRange, next_stream_count
@@ -243,6 +243,7 @@ class TcpSession:
         self._timer_when = 0.0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._adapt_task: asyncio.Task[None] | None = None
+        self._adapt_policy: StreamRange | None = None
         self._lost_since: float | None = None
         self._failures = 0  # connections failed since one last completed its handshake
         self._refusals = 0  # reconnects refused in a row (nothing listening at the peer)
@@ -359,6 +360,15 @@ class TcpSession:
                         f"{self._last_conn_error}", peer=self.peer))
                     self._pump()
                     return
+
+    def retune(self, tcp: TcpOptions) -> None:
+        """Apply other socket options (congestion control, pacing...) to every connection
+        now, and to those opened later."""
+        self.config = replace(self.config, tcp=tcp)
+        for conn in self._conns.values():
+            if conn.sock is not None and not conn.closed:
+                self.congestion_control = apply_after_connect(conn.sock, tcp,
+                                                              streams=max(1, self.target))
 
     def set_target(self, n: int) -> None:
         """Initiator: use ``n`` connections (opens new ones or retires surplus ones)."""
@@ -597,12 +607,24 @@ class TcpSession:
 
     # ---- adapting the connection count --------------------------------------------------
     def _start_adapting(self, policy: StreamRange) -> None:
-        self._adapt_task = self.loop.create_task(self._adapt(policy))
+        self._adapt_policy = policy
+        self._adapt_task = self.loop.create_task(self._adapt())
 
-    async def _adapt(self, policy: StreamRange) -> None:
+    def restart(self, n: int, policy: StreamRange | None = None) -> None:
+        """Use ``n`` connections from now on and judge adaptation afresh from there (within
+        ``policy``, if given): what the application does once it knows more about the path
+        than the goodput so far can tell (the samples before were taken at another count)."""
+        if policy is not None and self._adapt_policy is not None:
+            self._adapt_policy = policy
+        self.history.clear()
+        self.set_target(n)
+
+    async def _adapt(self) -> None:
         interval = self.config.adapt_interval
         last = self.core.stats().bytes_acked
         while self.core.state is SessionState.OPEN:
+            policy = self._adapt_policy
+            assert policy is not None
             self._backlogged = False
             await asyncio.sleep(interval)
             acked = self.core.stats().bytes_acked

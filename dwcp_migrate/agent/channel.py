@@ -51,11 +51,11 @@ class MessageType(enum.IntEnum):
 @dataclass(frozen=True)
 class Message:
     type: MessageType
-    payload: bytes
+    payload: bytes | memoryview  # a view of the received data, which never changes
 
     def json(self) -> dict[str, Any]:
         try:
-            value = json.loads(self.payload)
+            value = json.loads(bytes(self.payload))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ChannelProtocolError(f"{self.type.name} payload is not JSON: {exc}") from exc
         if not isinstance(value, dict):
@@ -63,7 +63,7 @@ class Message:
         return value
 
     def text(self) -> str:
-        return self.payload.decode("utf-8", errors="replace")
+        return bytes(self.payload).decode("utf-8", errors="replace")
 
 
 def encode(kind: MessageType, payload: bytes | bytearray | memoryview = b"") -> list[bytes]:
@@ -80,36 +80,67 @@ def encode_json(kind: MessageType, value: dict[str, Any]) -> list[bytes]:
 
 
 class MessageReader:
-    """Splits a byte stream into messages; fed any chunking of it."""
+    """Splits a byte stream into messages; fed any chunking of it.
+
+    A message that arrives within one fed chunk keeps a view of that chunk as its payload
+    (no copy: the chunks must not change afterwards, as AMST's received frames do not); one
+    spread over several chunks is gathered with one copy. The sender sends a message's
+    header and payload apart, so the common case is a header alone, then the payload whole
+    in the next chunk: that is taken without a copy too.
+    """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._partial = bytearray()  # an incomplete message: its header and payload so far
+
+    def _header(self, data: bytes | bytearray | memoryview, pos: int) -> tuple[MessageType, int]:
+        kind, length = HEADER.unpack_from(data, pos)
+        if length > MAX_MESSAGE:
+            raise ChannelProtocolError(f"message of {length} bytes announced (limit "
+                                       f"{MAX_MESSAGE}): the peer agent is misbehaving")
+        try:
+            return MessageType(kind), length
+        except ValueError:
+            raise ChannelProtocolError(f"unknown message type {kind}: the peer agent is "
+                                       "misbehaving or of an incompatible version") from None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        self._buffer += data
+        view = memoryview(data).cast("B")
         out: list[Message] = []
-        buf = self._buffer
         pos = 0
-        while len(buf) - pos >= HEADER.size:
-            kind, length = HEADER.unpack_from(buf, pos)
-            if length > MAX_MESSAGE:
-                raise ChannelProtocolError(f"message of {length} bytes announced (limit "
-                                           f"{MAX_MESSAGE}): the peer agent is misbehaving")
-            try:
-                mtype = MessageType(kind)
-            except ValueError:
-                raise ChannelProtocolError(f"unknown message type {kind}: the peer agent is "
-                                           "misbehaving or of an incompatible version") from None
+        partial = self._partial
+        if partial:
+            if len(partial) < HEADER.size:
+                take = min(HEADER.size - len(partial), len(view))
+                partial += view[:take]
+                pos = take
+                if len(partial) < HEADER.size:
+                    return out
+            mtype, length = self._header(partial, 0)
+            missing = HEADER.size + length - len(partial)
+            if len(partial) == HEADER.size and len(view) - pos >= length:
+                out.append(Message(mtype, view[pos:pos + length]))  # payload whole: a view
+                pos += length
+            else:
+                take = min(missing, len(view) - pos)
+                partial += view[pos:pos + take]
+                pos += take
+                if take < missing:
+                    return out
+                out.append(Message(mtype, memoryview(partial)[HEADER.size:]))
+            self._partial = bytearray()
+        end_of_data = len(view)
+        while end_of_data - pos >= HEADER.size:
+            mtype, length = self._header(view, pos)
             end = pos + HEADER.size + length
-            if end > len(buf):
+            if end > end_of_data:
                 break
-            out.append(Message(mtype, bytes(buf[pos + HEADER.size:end])))
+            out.append(Message(mtype, view[pos + HEADER.size:end]))
             pos = end
-        if pos:
-            del buf[:pos]
+        if pos < end_of_data:
+            self._partial = bytearray(view[pos:])
         return out
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete message (non-zero at end of stream means truncation)."""
-        return len(self._buffer)
+        return len(self._partial)

@@ -120,7 +120,7 @@ class ChannelDecoder:
         self.decoder.accept_session_header(header)
         self.cpu_s = 0.0
 
-    def decode(self, batch: bytes) -> bytes:
+    def decode(self, batch: bytes | memoryview) -> bytes:
         started = time.thread_time()
         try:
             return self.decoder.decode(batch)

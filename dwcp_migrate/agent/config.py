@@ -31,13 +31,19 @@ class PeerConfig:
     libvirt_uri: str  # how this host's libvirtd reaches the peer's (p2p migrations)
 
 
+AUTO = "auto"  # transport.streams / congestion_control: what the detected path mode says
+
+
 @dataclass(frozen=True)
 class TransportSettings:
-    streams: int = 8  # TCP connections per migration channel at start
+    # TCP connections per migration channel at start; None (auto): the path mode's count
+    # (policies/mode.py: 2 in a datacenter, 4 hybrid, 8 on the internet)
+    streams: int | None = None
     min_streams: int = 1
     max_streams: int = 16
     adapt: bool = True  # let measured goodput change the count within [min, max]
-    congestion_control: str | None = "bbr"  # None: the system default
+    # "auto": the path mode's (cubic in a datacenter, bbr elsewhere); None: the system default
+    congestion_control: str | None = AUTO
 
 
 @dataclass(frozen=True)
@@ -210,16 +216,18 @@ def parse_config(data: Any, source: Path | None = None) -> AgentConfig:
     tls_section.finish()
 
     tr = top.section("transport")
-    streams = tr.integer("streams", 8, 1, 64)
+    streams: int | None = None
+    if tr.get("streams", AUTO) != AUTO:
+        streams = tr.integer("streams", 8, 1, 64)
     min_streams = tr.integer("min_streams", 1, 1, 64)
-    max_streams = tr.integer("max_streams", max(16, streams), 1, 64)
-    if not min_streams <= streams <= max_streams:
+    max_streams = tr.integer("max_streams", max(16, streams or 0), 1, 64)
+    if not min_streams <= (streams or min_streams) <= max_streams or min_streams > max_streams:
         raise ConfigError(f"transport: need min_streams <= streams <= max_streams, got "
-                          f"{min_streams}, {streams}, {max_streams}")
-    cc = tr.string("congestion_control", "bbr")
-    if cc not in (None, "bbr", "cubic", "reno", "system"):
-        raise ConfigError(f"transport.congestion_control: {cc!r}: use bbr, cubic, reno or "
-                          "system")
+                          f"{min_streams}, {streams or AUTO}, {max_streams}")
+    cc = tr.string("congestion_control", AUTO)
+    if cc not in (None, AUTO, "bbr", "cubic", "reno", "system"):
+        raise ConfigError(f"transport.congestion_control: {cc!r}: use auto, bbr, cubic, reno "
+                          "or system")
     transport = TransportSettings(streams, min_streams, max_streams,
                                   tr.boolean("adapt", True), None if cc == "system" else cc)
     tr.finish()

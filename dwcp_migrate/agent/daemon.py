@@ -15,13 +15,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dwcp_migrate.agent.admin import AdminServer
 from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, encode_json
 from dwcp_migrate.agent.codecs import guest_ram_bytes, make_decoder, make_encoder
-from dwcp_migrate.agent.config import AgentConfig, PeerConfig
+from dwcp_migrate.agent.config import AUTO, AgentConfig, PeerConfig
 from dwcp_migrate.agent.datapath import (
     MessageStream,
     qemu_to_session,
@@ -33,9 +33,11 @@ from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec.memory import release_pool
 from dwcp_migrate.policies.mode import (
+    Mode,
     ModeTracker,
     PathSample,
     choose_data_path,
+    defaults_for,
     get_mode_policy,
 )
 from dwcp_migrate.transports.adapt import StreamRange
@@ -86,7 +88,9 @@ class Agent:
         self.migrations = MigrationLog(config.state_dir)
         self.transport = TransportConfig(
             security=config.security,
-            tcp=TcpOptions(congestion_control=config.transport.congestion_control),
+            # "auto" starts with bbr (the internet's choice) and is retuned per path mode.
+            tcp=TcpOptions(congestion_control="bbr" if config.transport.congestion_control
+                           == AUTO else config.transport.congestion_control),
             adapt=StreamRange(config.transport.min_streams, config.transport.max_streams)
             if config.transport.adapt else None,
         )
@@ -221,6 +225,33 @@ class Agent:
                 log.info("released %d MiB of pooled page caches (idle %g s)", freed >> 20,
                          POOL_IDLE_S)
 
+    def _initial_streams(self, tracker: ModeTracker | None) -> int:
+        """Connections to open: as configured, else the count of the mode last seen on this
+        path, else the most any mode uses (surplus ones are retired once the mode is known,
+        which is cheaper than opening more then)."""
+        configured = self.config.transport.streams
+        if configured is not None:
+            return configured
+        if tracker is not None and tracker.decision is not None:
+            return defaults_for(tracker.decision.mode).streams
+        return max(defaults_for(m).streams for m in Mode)
+
+    def _tune_session(self, session: TcpSession, mode: Mode) -> None:
+        """Apply the path mode's connection count and congestion control where the
+        configuration leaves them to it (``auto``)."""
+        defaults = defaults_for(mode)
+        settings = self.config.transport
+        if settings.congestion_control == AUTO and defaults.congestion_control:
+            session.retune(replace(self.transport.tcp,
+                                   congestion_control=defaults.congestion_control))
+        if settings.streams is None:
+            # The mode's count and adaptation range (within the configured one); the goodput
+            # seen so far was at the first-contact count and says nothing about this one.
+            low = max(defaults.min_streams, settings.min_streams)
+            high = max(low, min(defaults.max_streams, settings.max_streams))
+            session.restart(min(max(defaults.streams, low), high),
+                            StreamRange(low, high) if settings.adapt else None)
+
     # ---- source side ----------------------------------------------------------------------
     def _qemu_handler(self, peer: PeerConfig) -> Callable[[QemuConnection], None]:
         def handler(qemu: QemuConnection) -> None:
@@ -250,10 +281,11 @@ class Agent:
         session: TcpSession | None = None
         # QEMU streams on into memory during the handshake (several round trips on a WAN).
         ahead = ReadAhead(qemu, READ_AHEAD_BYTES)
+        tracker = self._trackers.get(peer.name)
         try:
             started = time.monotonic()
             session = await connect_session(
-                (peer.host, peer.port), self.config.transport.streams, name=self.config.name,
+                (peer.host, peer.port), self._initial_streams(tracker), name=self.config.name,
                 peer_name=peer.name, config=self.transport)
             connect_s = time.monotonic() - started
             stats = session.stats()
@@ -265,6 +297,7 @@ class Agent:
             # sample does not flip a path between datacenter and internet.
             tracker = self._trackers.setdefault(peer.name, ModeTracker(self._mode_policy))
             decision = tracker.add(PathSample(asyncio.get_running_loop().time(), rtt_ms=rtt_ms))
+            self._tune_session(session, decision.mode)
             mode, reason = choose_data_path(self.config.codec.mode, decision)
             if index == 0:
                 mig.record.mode, mig.record.mode_reason = mode, reason
@@ -304,8 +337,10 @@ class Agent:
             down = asyncio.ensure_future(session_to_qemu(messages, qemu, counters, None,
                                                          count_as_return=True))
             await run_pumps(up, down, session, peer.name)
+            connections = session.n_connections
             await session.close()
-            mig.record.transport[str(index)] = _transport_stats(session)
+            mig.record.transport[str(index)] = {**_transport_stats(session),
+                                                "connections_at_end": connections}
             if encoder is not None:
                 mig.record.codec[str(index)] = encoder.stats()
                 if index == 0:

@@ -121,4 +121,6 @@ def config_check(path: Path) -> None:
                f"\n  peers: " + (", ".join(f"{p.name}={p.host}:{p.port}"
                                           for p in cfg.peers.values()) or "none") +
                f"\n  security: {security}\n  socket_dir: {cfg.socket_dir}"
-               f"\n  codec mode: {cfg.codec.mode}; transport streams: {cfg.transport.streams}")
+               f"\n  codec mode: {cfg.codec.mode}; transport streams: "
+               f"{cfg.transport.streams or 'auto (by path mode)'}; congestion control: "
+               f"{cfg.transport.congestion_control or 'system default'}")

@@ -1,0 +1,43 @@
+"""A LAN migration through the agents: the path is detected as a datacenter one, so the data
+passes through unencoded over the mode's connections (2, CUBIC) instead of the 8 BBR ones
+opened on first contact; the destination's RAM is identical at switchover."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dwcp_migrate.testbed.agents import TestAgent
+from dwcp_migrate.testbed.bed import TestBed
+from dwcp_migrate.testbed.build import BuildProducts
+from dwcp_migrate.testbed.guests import WorkloadSpec
+from dwcp_migrate.testbed.scenario import GuestSetup, agent_migration
+
+pytestmark = [pytest.mark.guest, pytest.mark.netns]
+
+
+def test_lan_migration_passes_through_on_the_datacenter_settings(
+        products: BuildProducts, leak_check: None) -> None:
+    setup = GuestSetup("baremetal", 256, WorkloadSpec(working_set_mib=128, dirty_mib_per_s=4))
+    with TestBed(("a", "b")) as bed:
+        agents = {h: TestAgent(bed, h, link="lan") for h in ("a", "b")}
+        for agent in agents.values():
+            agent.start()
+        result = agent_migration(bed, setup, str(agents["a"].outgoing_socket("b")),
+                                 str(agents["b"].outgoing_socket("b")), timeout_s=120,
+                                 parameters={"max-bandwidth": 1 << 40})
+        assert result.ram_identical, result.ram_detail
+        assert result.guest_verified, result.verify_detail
+        deadline = time.monotonic() + 20
+        while not (status := agents["a"].client().call("status"))["recent"] or \
+                status["active"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        record = status["recent"][-1]
+        assert record["result"] == "completed", record
+        assert record["mode"] == "passthrough", record
+        transport = record["transport"]["0"]
+        assert transport["congestion_control"] == "cubic", transport
+        assert transport["connections_at_end"] == 2, transport
+        assert transport["connections_opened"] == 8, transport  # first contact: the most

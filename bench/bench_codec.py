@@ -41,6 +41,7 @@ from typing import Any
 import lz4.frame  # type: ignore[import-untyped]  # lz4 ships no type information
 import zstandard
 
+from dwcp_migrate.agent.config import CodecSettings
 from dwcp_migrate.codec import ChannelStats, StreamDecoder, StreamEncoder
 from dwcp_migrate.errors import TestbedError
 from dwcp_migrate.pagecodec import FORMAT_VERSION, Compression, PageCodecConfig
@@ -55,6 +56,9 @@ CHUNK = 256 << 10
 SETTINGS = ("none", "lz4", "zstd:-1", "zstd:1", "zstd:3")
 PIPELINED = ("lz4", "zstd:-1", "zstd:1", "zstd:3")
 GOAL_ENCODE = 500  # MB/s per core, lz4, default configuration
+# The agent's default: codec.cache_mib is the limit, and a 1 GiB guest gets all of it.
+DEFAULT_CACHE_MIB = CodecSettings().cache_mib
+DEFAULT_CONFIG = PageCodecConfig(cache_bytes=DEFAULT_CACHE_MIB << 20)
 GOAL_DECODE = 1000
 COMMAND = ".venv/bin/python bench/bench_codec.py --write-doc"
 
@@ -270,7 +274,7 @@ def breakdown(data: bytes, repeat: int) -> dict[str, float]:
 
     def codec(finish: bool) -> Callable[[], None]:
         def run() -> None:
-            scanner, enc = ChannelScanner(), PageEncoder(PageCodecConfig())
+            scanner, enc = ChannelScanner(), PageEncoder(DEFAULT_CONFIG)
             compression = Compression("lz4")
             for chunk in _chunks(data):
                 for batch in scanner.feed(chunk):
@@ -302,7 +306,7 @@ def pipelined(data: bytes, setting: str, repeat: int) -> tuple[float, float]:
     wall = cpu = float("inf")
     for _ in range(repeat):
         started, cpu_started = time.perf_counter(), time.process_time()
-        enc = StreamEncoder(PageCodecConfig(), compression=compression, session_id=1,
+        enc = StreamEncoder(DEFAULT_CONFIG, compression=compression, session_id=1,
                             compress_thread=True)
         for chunk in _chunks(data):
             enc.feed(chunk)
@@ -320,11 +324,12 @@ data = open(sys.argv[1], "rb").read()
 view = memoryview(data)
 chunks = [view[i:i + (256 << 10)] for i in range(0, len(view), 256 << 10)]
 started = time.thread_time()
-enc = StreamEncoder(PageCodecConfig(), compression=Compression("lz4"), session_id=1)
+enc = StreamEncoder(PageCodecConfig(cache_bytes={DEFAULT_CACHE_MIB} << 20),
+                    compression=Compression("lz4"), session_id=1)
 out = [b for c in chunks for b in enc.feed(c)] + enc.finish()
 encode = time.thread_time() - started
 started = time.thread_time()
-dec = StreamDecoder(PageCodecConfig())
+dec = StreamDecoder(PageCodecConfig(cache_bytes={DEFAULT_CACHE_MIB} << 20))
 dec.accept_session_header(enc.session_header)
 for b in out:
     dec.decode(b)
@@ -338,7 +343,8 @@ def cold(path: Path) -> tuple[float, float]:
     import sys
 
     mb = path.stat().st_size / 1e6
-    out = subprocess.run([sys.executable, "-c", _COLD, str(path)], check=True,
+    script = _COLD.replace("{DEFAULT_CACHE_MIB}", str(DEFAULT_CACHE_MIB))
+    out = subprocess.run([sys.executable, "-c", script, str(path)], check=True,
                          capture_output=True, text=True, cwd=REPO_ROOT).stdout.split()
     return mb / float(out[0]), mb / float(out[1])
 
@@ -459,7 +465,7 @@ def report(results: list[dict[str, Any]]) -> str:
                 f"{meta['info']['total-time'] / 1000:.1f} s; iterations as the codec counts them: "
                 f"{len(st.iterations)}; load average {result['load'][0]:.2f} before, "
                 f"{result['load'][1]:.2f} after.", "", *_table(result), "",
-                "Encode cost per page (lz4, cache 256 MiB; " + ", ".join(
+                f"Encode cost per page (lz4, cache {DEFAULT_CACHE_MIB} MiB; " + ", ".join(
                     f"{k} {v:.2f} us" for k, v in result["cost"].items() if k != "pages")
                 + f"; {result['cost']['pages']} pages, zero pages included).", "",
                 *_pipelined(result), ""]
@@ -489,11 +495,12 @@ def _pipelined(result: dict[str, Any]) -> list[str]:
     rows = {r.name: r for r in result["rows"]}
     enc_cold, dec_cold = result["cold"]
     lines = ["With the compression thread (`StreamEncoder(compress_thread=True)`: the next batch "
-             "is parsed and prepared while the last one compresses), cache 256 MiB:", "",
+             "is parsed and prepared while the last one compresses), cache "
+             f"{DEFAULT_CACHE_MIB} MiB:", "",
              "| setting | one thread, MB/s per core | wall-clock MB/s | MB/s per CPU second "
              "(both threads) |", "|---|---:|---:|---:|"]
     for setting, (wall, cpu) in result["pipelined"].items():
-        one = rows[f"dwcp {setting}, cache 256 MiB"].encode_mb_s
+        one = rows[f"dwcp {setting}, cache {DEFAULT_CACHE_MIB} MiB"].encode_mb_s
         lines.append(f"| {setting} | {one:.0f} | {wall:.0f} | {cpu:.0f} |")
     lines += ["", "Wall-clock gains need the second core free: with other work on it (the load "
               "averages above) the two threads can be slower than one. On a quiet moment "
@@ -511,7 +518,7 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
     for result in results:
         label = "multi-iteration" if result["capture"].spec.live else "single-pass"
         lz4 = [r for r in result["rows"] if r.name.startswith("dwcp lz4")]
-        default = next(r for r in lz4 if r.name.endswith("cache 256 MiB"))
+        default = next(r for r in lz4 if r.name.endswith(f"cache {DEFAULT_CACHE_MIB} MiB"))
         others = "; ".join(f"{r.encode_mb_s:.0f} with {r.name.split(', ')[1]}"
                            for r in lz4 if r is not default)
         verdict = "met" if default.encode_mb_s >= GOAL_ENCODE else "NOT met"
@@ -536,7 +543,8 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
         result = multi[0]
         zstd1 = result["plain"][0].size
         best = min(result["rows"], key=lambda r: r.size)
-        default = next(r for r in result["rows"] if r.name == "dwcp zstd:1, cache 256 MiB")
+        default = next(r for r in result["rows"]
+                       if r.name == f"dwcp zstd:1, cache {DEFAULT_CACHE_MIB} MiB")
         random_share = result["split"]["random"][1] / zstd1
         first = result["split"]["codec"][default.name]["first"]
         split = result["split"]
@@ -555,13 +563,14 @@ def goals(results: list[dict[str, Any]]) -> list[str]:
         if small and big:
             pass1 = result["stats"][default.name].iterations[0].codec.literal.bytes_in
             out.append(
-                f"- The page cache decides the later iterations: the default 256 MiB cannot "
-                f"hold the {pass1 / 1e6:.0f} MB of distinct non-zero pages the first iteration "
-                f"sends, so most re-sent pages find no "
-                f"base for a delta ({small['later'] / 1e6:.1f} MB for the later iterations "
-                f"against {big['later'] / 1e6:.1f} MB with a 1024 MiB cache, and "
-                f"{split['zstd1']['later'] / 1e6:.1f} MB with plain zstd-1). The cache should "
-                f"be sized from the guest's RAM.")
+                f"- The page cache decides the later iterations: 256 MiB (the agent's default "
+                f"before it sized the cache from the guest's RAM) cannot hold the "
+                f"{pass1 / 1e6:.0f} MB of distinct non-zero pages the first iteration sends, so "
+                f"most re-sent pages find no base for a delta ({small['later'] / 1e6:.1f} MB "
+                f"for the later iterations against {big['later'] / 1e6:.1f} MB with a 1024 MiB "
+                f"cache, and {split['zstd1']['later'] / 1e6:.1f} MB with plain zstd-1). The "
+                f"agent now sizes each channel's cache from the guest's RAM (MEM_SIZE), up to "
+                f"codec.cache_mib ({DEFAULT_CACHE_MIB} MiB by default).")
     return [*out, ""]
 
 
@@ -573,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--cache-mib", type=int, nargs="+", default=[256, 1024],
-                        help="page cache sizes to run (256 is the default configuration)")
+    parser.add_argument("--cache-mib", type=int, nargs="+", default=[256, DEFAULT_CACHE_MIB],
+                        help=f"page cache sizes to run ({DEFAULT_CACHE_MIB} is the agent's "
+                             "default limit, what a 1 GiB guest gets)")
     parser.add_argument("--only", choices=["single", "multi"], help="one capture only")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args(argv)

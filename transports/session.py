@@ -219,7 +219,10 @@ class Session:
         self.send = SendStream(self.session_id, config.send_window, config.max_payload)
         self.recv = RecvStream(config.recv_window)
         self._conns: dict[int, _Conn] = {}
-        self._pool = BufferPool(config.max_payload, config.recv_window // config.max_payload + 8)
+        # A window's worth of frames, plus what an application holds on to after reading
+        # (the agent keeps payload views in its pipeline queues: ~20 frames).
+        self._pool = BufferPool(config.max_payload,
+                                config.recv_window // config.max_payload + 32)
         self._next_cid = 0
         self._events: list[Event] = []
         self._ack_due: float | None = None

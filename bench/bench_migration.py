@@ -12,7 +12,9 @@ guest (1 GiB RAM, 512 MiB working set dirtying 8 MiB/s) is migrated by:
 - plain QEMU direct (one TCP connection),
 - plain QEMU multifd (4 channels) + zstd,
 - plain QEMU xbzrle,
-- dwcp: plain QEMU on both hosts, the stream carried by the agents (unix sockets).
+- dwcp: plain QEMU on both hosts, the stream carried by the agents (unix sockets), with the
+  default configuration (mutual TLS); on the LAN also with ``transport.direct_lane`` (the
+  passthrough bytes spliced over a plain TCP connection, opt-in).
 Bytes on the wire are counted by the WAN emulator (both directions, IP packets), so every
 row is measured the same way; on the LAN, QEMU's own ram.transferred (plain) and the agents'
 wire bytes (dwcp) are reported. Agent CPU is user+system seconds of both agent processes.
@@ -48,6 +50,7 @@ from dwcp_migrate.testbed.scenario import GuestSetup  # noqa: E402
 from dwcp_migrate.testbed.wan import WanSpec  # noqa: E402
 
 DOC = REPO / "docs" / "BENCHMARKS.md"
+LANE_LABEL = "dwcp, direct lane (opt-in, plaintext)"
 LINKS = {"lan": None, "wan": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000),
          "wanloss": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000, loss=0.001)}
 
@@ -77,6 +80,10 @@ def main() -> int:
         for _ in range(args.loss_repeats if link == "wanloss" else args.repeats):
             rows += run_comparison(link, LINKS[link], setup, ALL_PLAIN,
                                    timeout_s=args.plain_timeout)
+            if link == "lan":  # the opt-in plaintext lane for passthrough (agent/lane.py)
+                rows += run_comparison(link, None, setup, (), timeout_s=args.plain_timeout,
+                                       agent_settings={"transport": {"direct_lane": True}},
+                                       dwcp_label=LANE_LABEL)
             print(format_rows([r for r in rows if r.link == link]), flush=True)
     medians = median_rows(rows)
     table = format_rows(medians)

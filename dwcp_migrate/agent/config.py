@@ -44,6 +44,8 @@ class TransportSettings:
     adapt: bool = True  # let measured goodput change the count within [min, max]
     # "auto": the path mode's (cubic in a datacenter, bbr elsewhere); None: the system default
     congestion_control: str | None = AUTO
+    # passthrough bytes spliced over a plain TCP connection (agent/lane.py): not encrypted
+    direct_lane: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,8 @@ def parse_config(data: Any, source: Path | None = None) -> AgentConfig:
         raise ConfigError(f"transport.congestion_control: {cc!r}: use auto, bbr, cubic, reno "
                           "or system")
     transport = TransportSettings(streams, min_streams, max_streams,
-                                  tr.boolean("adapt", True), None if cc == "system" else cc)
+                                  tr.boolean("adapt", True), None if cc == "system" else cc,
+                                  tr.boolean("direct_lane", False))
     tr.finish()
 
     cs = top.section("codec")

@@ -28,8 +28,10 @@ from dwcp_migrate.agent.datapath import (
     run_pumps,
     session_to_qemu,
 )
+from dwcp_migrate.agent.lane import Counter as LaneCounter
+from dwcp_migrate.agent.lane import LaneListener, connect_lane, run_lane
 from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
-from dwcp_migrate.agent.records import MigrationLog, MigrationRecord
+from dwcp_migrate.agent.records import ChannelCounters, MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec.memory import release_pool
 from dwcp_migrate.policies.mode import (
@@ -310,10 +312,12 @@ class Agent:
                 if index == 0:
                     mig.guest_ram = guest_ram_bytes(ahead.prefix(MEM_SIZE_PREFIX))
                 encoder = make_encoder(self.config.codec, decision.mode, mig.guest_ram)
+            want_lane = mode == "passthrough" and self.config.transport.direct_lane
             open_msg: dict[str, Any] = {
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,
-                "codec": encoder.describe() if encoder is not None else None}
+                "codec": encoder.describe() if encoder is not None else None,
+                "lane": "direct" if want_lane else None}
             for part in encode_json(MessageType.OPEN, open_msg):
                 counters.wire_bytes += len(part)
                 await session.send(part)
@@ -330,6 +334,16 @@ class Agent:
                      connect_s, time.monotonic() - started)
             loop = asyncio.get_running_loop()
             head, head_eof = await ahead.stop()
+            offer = reply.json().get("lane") if want_lane else None
+            if want_lane and not offer:
+                log.info("migration %s channel %d: agent %s offers no direct lane (its "
+                         "transport.direct_lane is off): passthrough over the session",
+                         mig.record.id, index, peer.name)
+            if offer:
+                await self._carry_on_lane(qemu, peer, offer, head, counters)
+                mig.record.transport[str(index)] = {"lane": "direct"}
+                await session.close()
+                return
             up = asyncio.ensure_future(qemu_to_session(
                 qemu, session, counters, encoder,
                 (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None,
@@ -362,6 +376,41 @@ class Agent:
                 self._finish(mig.record, "; ".join(mig.errors) or None)
                 if self._outgoing.get(peer.name) is mig:
                     del self._outgoing[peer.name]
+
+    async def _carry_on_lane(self, qemu: QemuConnection, peer: PeerConfig, offer: Any,
+                             head: list[bytes | memoryview], counters: ChannelCounters
+                             ) -> None:
+        """Source: the stream over the direct lane the destination offered (agent/lane.py)."""
+        try:
+            port, token = int(offer["port"]), bytes.fromhex(str(offer["token"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MigrationError(f"agent {peer.name} offered a malformed direct lane: "
+                                 f"{exc!r}") from exc
+        lane = await connect_lane(peer.host, port, token)
+        log.warning("direct lane to %s (%s:%d): passthrough bytes go unencrypted and are "
+                    "checked only by TCP (transport.direct_lane is on)", peer.name, peer.host,
+                    port)
+        sock, unread = qemu.detach()
+        up, down = LaneCounter(), LaneCounter()
+        try:
+            await run_lane(sock, lane, to_lane=up, from_lane=down, head=[*head, *unread])
+        finally:
+            counters.bytes_from_qemu += up.bytes
+            counters.return_bytes += down.bytes
+            counters.wire_bytes += up.bytes + down.bytes
+
+    async def _deliver_on_lane(self, listener: LaneListener, qemu: QemuConnection,
+                               counters: ChannelCounters) -> None:
+        """Destination: the stream from the direct lane into QEMU, QEMU's answers back."""
+        lane = await listener.accept()
+        sock, unread = qemu.detach()
+        up, down = LaneCounter(), LaneCounter()
+        try:
+            await run_lane(sock, lane, to_lane=up, from_lane=down, head=unread)
+        finally:
+            counters.bytes_to_qemu += down.bytes
+            counters.return_bytes += up.bytes
+            counters.wire_bytes += up.bytes + down.bytes
 
     # ---- destination side -----------------------------------------------------------------
     async def _accept_sessions(self) -> None:
@@ -427,6 +476,7 @@ class Agent:
         mig.open_channels += 1
         error: str | None = None
         qemu: QemuConnection | None = None
+        listener: LaneListener | None = None
         try:
             decoder = make_decoder(self.config.codec, request.get("codec")) \
                 if request["mode"] == "encode" else None
@@ -435,9 +485,18 @@ class Agent:
                     await mig.event(index - 1).wait()
             qemu = await _connect_qemu(self.config.outgoing_socket(self.config.name))
             mig.event(index).set()
-            for part in encode_json(MessageType.ACCEPT, {"channel": index}):
+            accept: dict[str, Any] = {"channel": index}
+            if (request.get("lane") == "direct" and request["mode"] == "passthrough"
+                    and self.config.transport.direct_lane):
+                listener = LaneListener(self.config.listen_host)
+                accept["lane"] = {"port": listener.port, "token": listener.token.hex()}
+            for part in encode_json(MessageType.ACCEPT, accept):
                 counters.wire_bytes += len(part)
                 await session.send(part)
+            if listener is not None:
+                await self._deliver_on_lane(listener, qemu, counters)
+                await session.close()
+                return
             loop = asyncio.get_running_loop()
             down = asyncio.ensure_future(session_to_qemu(
                 messages, qemu, counters, decoder, count_as_return=False,
@@ -455,6 +514,8 @@ class Agent:
                         await session.send(b"".join(_refuse(error)))
             session.abort(error)
         finally:
+            if listener is not None:
+                listener.close()
             if qemu is not None:
                 _close_qemu(qemu, abort=error is not None)
             counters.wire_bytes += messages.wire_bytes

@@ -101,6 +101,7 @@ def run_comparison(
     with_dwcp: bool = True,
     timeout_s: float = 120,
     agent_settings: Mapping[str, Any] | None = None,
+    dwcp_label: str = "dwcp",
     say: Callable[[str], None] = print,
     progress: Callable[[str], ProgressCallback | None] = lambda _label: None,
 ) -> list[Row]:
@@ -135,10 +136,10 @@ def run_comparison(
         try:
             result = agent_migration(bed, setup, str(agents["a"].outgoing_socket("b")),
                                      str(agents["b"].outgoing_socket("b")), timeout_s=timeout_s,
-                                     parameters=UNTHROTTLED, label="dwcp",
-                                     on_progress=progress("dwcp"))
+                                     parameters=UNTHROTTLED, label=dwcp_label,
+                                     on_progress=progress(dwcp_label))
         except MigrationError as exc:
-            rows.append(_failed(link, "dwcp", exc))
+            rows.append(_failed(link, dwcp_label, exc))
             rows[-1].note += f" | agent a: {agents['a'].log_tail(400)}"
             return rows
         deadline = time.monotonic() + 10
@@ -201,31 +202,33 @@ def format_rows(rows: Sequence[Row]) -> str:
 
 
 def summarize(rows: Sequence[Row], timeout_s: float) -> list[str]:
-    """dwcp against the best plain configuration and against plain direct, per link."""
+    """Each dwcp run (label starting "dwcp") against the best plain configuration and against
+    plain direct, per link."""
     lines = []
     for link in dict.fromkeys(r.link for r in rows):
         mine = [r for r in rows if r.link == link]
-        dwcp = next((r for r in mine if r.label == "dwcp"), None)
-        plain = [r for r in mine if r.label != "dwcp"]
+        plain = [r for r in mine if not r.label.startswith("dwcp")]
         done = [r for r in plain if r.status == "completed" and r.total_s]
         direct = next((r for r in plain if r.label == PLAIN_DIRECT.label), None)
-        if dwcp is None or dwcp.total_s is None or dwcp.status != "completed":
-            lines.append(f"- {link}: dwcp did not complete")
-            continue
-        if done:
-            best = min(done, key=lambda r: r.total_s or 0.0)
-            assert best.total_s is not None
-            lines.append(f"- {link}: dwcp total time {dwcp.total_s:.2f} s = "
-                         f"{dwcp.total_s / best.total_s:.2f}x the best plain QEMU "
-                         f"configuration ({best.label}, {best.total_s:.2f} s)")
-        elif plain:
-            lines.append(f"- {link}: no plain QEMU configuration completed within "
-                         f"{timeout_s:.0f} s; dwcp took {dwcp.total_s:.2f} s, < "
-                         f"{dwcp.total_s / timeout_s:.3f}x any of them")
-        if direct and direct.status == "completed" and direct.total_s:
-            extra = ""
-            if dwcp.wire_bytes and direct.wire_bytes:
-                extra = f", bytes on the wire {dwcp.wire_bytes / direct.wire_bytes:.2f}x"
-            lines.append(f"  - against plain QEMU direct: time "
-                         f"{dwcp.total_s / direct.total_s:.2f}x{extra}")
+        for dwcp in (r for r in mine if r.label.startswith("dwcp")):
+            name = f"{link}: {dwcp.label}"
+            if dwcp.total_s is None or dwcp.status != "completed":
+                lines.append(f"- {name} did not complete")
+                continue
+            if done:
+                best = min(done, key=lambda r: r.total_s or 0.0)
+                assert best.total_s is not None
+                lines.append(f"- {name} total time {dwcp.total_s:.2f} s = "
+                             f"{dwcp.total_s / best.total_s:.2f}x the best plain QEMU "
+                             f"configuration ({best.label}, {best.total_s:.2f} s)")
+            elif plain:
+                lines.append(f"- {name}: no plain QEMU configuration completed within "
+                             f"{timeout_s:.0f} s; dwcp took {dwcp.total_s:.2f} s, < "
+                             f"{dwcp.total_s / timeout_s:.3f}x any of them")
+            if direct and direct.status == "completed" and direct.total_s:
+                extra = ""
+                if dwcp.wire_bytes and direct.wire_bytes:
+                    extra = f", bytes on the wire {dwcp.wire_bytes / direct.wire_bytes:.2f}x"
+                lines.append(f"  - against plain QEMU direct: time "
+                             f"{dwcp.total_s / direct.total_s:.2f}x{extra}")
     return lines

@@ -39,8 +39,11 @@ def test_lan_migration_passes_through_on_the_datacenter_settings(
         assert record["mode"] == "passthrough", record
         transport = record["transport"]["0"]
         assert transport["congestion_control"] == "cubic", transport
-        assert transport["connections_at_end"] == 2, transport
         assert transport["connections_opened"] == 8, transport  # first contact: the most
+        # then the mode's count; goodput adaptation may probe upwards from there
+        assert "datacenter path: 2 connections, adapting within 1..8, cubic" in \
+            agents["a"].log_tail(20000)
+        assert 1 <= transport["connections_at_end"] <= 8, transport
 
 
 @pytest.mark.parametrize("destination_allows", [True, False])

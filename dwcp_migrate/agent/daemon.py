@@ -251,8 +251,11 @@ class Agent:
             # seen so far was at the first-contact count and says nothing about this one.
             low = max(defaults.min_streams, settings.min_streams)
             high = max(low, min(defaults.max_streams, settings.max_streams))
-            session.restart(min(max(defaults.streams, low), high),
-                            StreamRange(low, high) if settings.adapt else None)
+            count = min(max(defaults.streams, low), high)
+            session.restart(count, StreamRange(low, high) if settings.adapt else None)
+            log.info("session to %s: %s path: %d connections%s, %s", session.peer, mode.value,
+                     count, f", adapting within {low}..{high}" if settings.adapt else "",
+                     session.congestion_control)
 
     # ---- source side ----------------------------------------------------------------------
     def _qemu_handler(self, peer: PeerConfig) -> Callable[[QemuConnection], None]:

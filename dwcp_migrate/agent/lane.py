@@ -36,8 +36,19 @@ log = logging.getLogger(__name__)
 
 TOKEN_BYTES = 32
 LANE_ACCEPT_TIMEOUT = 5.0
+LANE_DEAD_S = 10.0  # TCP_USER_TIMEOUT of a lane connection
 SPLICE_CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in the fcntl module only from 3.10 on
+
+
+def _guard(sock: socket.socket) -> None:
+    """A peer that vanishes (host down, network cut) must not leave a pump blocked forever:
+    unacknowledged data fails the connection after LANE_DEAD_S, and an idle one is probed."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(LANE_DEAD_S * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 class LaneError(MigrationError):
@@ -84,6 +95,7 @@ class LaneListener:
         if not hmac.compare_digest(got, self.token):
             conn.close()
             raise LaneError(f"a lane connection from {peer} did not present the token")
+        _guard(conn)
         return conn
 
     def close(self) -> None:
@@ -96,6 +108,7 @@ async def connect_lane(host: str, port: int, token: bytes) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
+        _guard(sock)
         async with asyncio.timeout(LANE_ACCEPT_TIMEOUT):
             await loop.sock_connect(sock, (host, port))
             await loop.sock_sendall(sock, token)

@@ -1,0 +1,125 @@
+"""The direct lane's pieces on loopback: the token gate, and the spliced pumps carrying both
+directions to the end (half-closes passed on) or failing as a whole."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import threading
+
+import pytest
+
+from dwcp_migrate.agent import lane
+from dwcp_migrate.agent.lane import Counter, LaneError, LaneListener, connect_lane, run_lane
+
+
+def test_token_gate() -> None:
+    async def main() -> None:
+        listener = LaneListener("127.0.0.1")
+        accepting = asyncio.create_task(listener.accept())
+        sock = await connect_lane("127.0.0.1", listener.port, listener.token)
+        accepted = await accepting
+        accepted.close()
+        sock.close()
+
+        listener = LaneListener("127.0.0.1")
+        accepting = asyncio.create_task(listener.accept())
+        sock = await connect_lane("127.0.0.1", listener.port, b"x" * lane.TOKEN_BYTES)
+        with pytest.raises(LaneError, match="did not present the token"):
+            await accepting
+        sock.close()
+        with pytest.raises(LaneError, match="cannot open the direct lane"):  # one use only
+            await connect_lane("127.0.0.1", listener.port, listener.token)
+
+    asyncio.run(main())
+
+
+def test_nobody_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lane, "LANE_ACCEPT_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        with pytest.raises(LaneError, match="no lane connection"):
+            await LaneListener("127.0.0.1").accept()
+
+    asyncio.run(main())
+
+
+def _qemu_side(sock: socket.socket, payload: bytes, got: list[bytes]) -> None:
+    """A QEMU stand-in: writes its stream, half-closes, reads what comes back to EOF."""
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    out = bytearray()
+    while chunk := sock.recv(1 << 20):
+        out += chunk
+    got.append(bytes(out))
+    sock.close()
+
+
+def test_pumps_carry_both_ways_to_the_end() -> None:
+    src_stream, dst_answer = os.urandom(9 << 20), os.urandom(3 << 20)
+    got_src: list[bytes] = []
+    got_dst: list[bytes] = []
+
+    async def main() -> tuple[Counter, Counter, Counter, Counter]:
+        src_qemu, src_agent = socket.socketpair()
+        dst_agent, dst_qemu = socket.socketpair()
+        listener = LaneListener("127.0.0.1")
+        accepting = asyncio.create_task(listener.accept())
+        a_lane = await connect_lane("127.0.0.1", listener.port, listener.token)
+        b_lane = await accepting
+        threads = [threading.Thread(target=_qemu_side, args=(src_qemu, src_stream, got_src)),
+                   threading.Thread(target=_qemu_side, args=(dst_qemu, dst_answer, got_dst))]
+        for t in threads:
+            t.start()
+        counters = Counter(), Counter(), Counter(), Counter()
+        await asyncio.gather(
+            run_lane(src_agent, a_lane, to_lane=counters[0], from_lane=counters[1],
+                     head=[b"HEAD"]),
+            run_lane(dst_agent, b_lane, to_lane=counters[2], from_lane=counters[3]))
+        for t in threads:
+            await asyncio.to_thread(t.join)
+        src_agent.close()
+        dst_agent.close()
+        return counters
+
+    up_a, down_a, up_b, down_b = asyncio.run(main())
+    assert got_dst == [b"HEAD" + src_stream]  # what the destination QEMU read
+    assert got_src == [dst_answer]  # the return path
+    assert up_a.bytes == down_b.bytes == len(src_stream) + 4
+    assert up_b.bytes == down_a.bytes == len(dst_answer)
+
+
+def test_a_broken_lane_fails_both_pumps() -> None:
+    async def main() -> None:
+        qemu, agent = socket.socketpair()
+        listener = LaneListener("127.0.0.1")
+        accepting = asyncio.create_task(listener.accept())
+        lane_a = await connect_lane("127.0.0.1", listener.port, listener.token)
+        lane_b = await accepting
+        running = asyncio.create_task(run_lane(agent, lane_a, to_lane=Counter(),
+                                               from_lane=Counter()))
+        writing = asyncio.create_task(asyncio.to_thread(_write_until_refused, qemu))
+        lane_b.setblocking(True)
+        await asyncio.to_thread(lane_b.recv, 1 << 16)  # the stream flows through the lane
+        lane_b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        lane_b.close()  # a reset under the pumps
+        with pytest.raises(LaneError, match="broke"):
+            async with asyncio.timeout(10):
+                await running
+        async with asyncio.timeout(10):
+            assert await writing  # QEMU's side is shut down too: its writes fail
+        qemu.close()
+        agent.close()
+
+    asyncio.run(main())
+
+
+def _write_until_refused(sock: socket.socket) -> bool:
+    try:
+        for _ in range(1000):
+            sock.sendall(b"y" * (1 << 20))
+    except OSError:
+        return True
+    return False

@@ -39,3 +39,29 @@ def test_multi_iteration_migration_is_identical(products: BuildProducts, leak_ch
     assert result.outcome.iterations is not None and result.outcome.iterations >= 5
     assert result.ram_identical, result.ram_detail
     assert result.guest_verified, result.verify_detail
+
+
+def test_timed_out_migration_stops_its_guests(products: BuildProducts, leak_check: None) -> None:
+    """A run that times out must not keep migrating in the background (its vCPU would take a
+    core from the next run of a benchmark, its destination would keep the port)."""
+    from pathlib import Path
+
+    from dwcp_migrate.errors import MigrationError
+    from dwcp_migrate.testbed.wan import WanSpec
+
+    def qemus_of(bed: TestBed) -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and str(bed.workdir).encode() in cmdline:
+                pids.append(int(proc.name))
+        return pids
+
+    setup = GuestSetup("baremetal", 256, WorkloadSpec(working_set_mib=128))
+    with TestBed(("a", "b"), wan=WanSpec.from_rtt(rtt_ms=20, rate_mbit=20)) as bed:
+        with pytest.raises(MigrationError, match="did not complete"):
+            plain_migration(bed, setup, link="wan", timeout_s=2)
+        assert qemus_of(bed) == []

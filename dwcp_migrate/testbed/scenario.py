@@ -7,8 +7,9 @@ switchover, then lets the destination run and waits for its own memory verificat
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -131,11 +132,25 @@ def plain_migration(
     dst = start_destination(bed, dst_host, setup, uri, capabilities=capabilities,
                             parameters=parameters)
     started = time.monotonic()
-    outcome = run_migration(src, dst, uri, capabilities=capabilities, parameters=parameters,
-                            min_iterations=min_iterations, timeout_s=timeout_s,
-                            on_progress=on_progress)
+    with _stopped_on_failure(src, dst):
+        outcome = run_migration(src, dst, uri, capabilities=capabilities,
+                                parameters=parameters, min_iterations=min_iterations,
+                                timeout_s=timeout_s, on_progress=on_progress)
     outcome.wall_time_s = time.monotonic() - started
     return judge(bed, src, dst, outcome, label)
+
+
+@contextlib.contextmanager
+def _stopped_on_failure(src: GuestVM, dst: GuestVM) -> Iterator[None]:
+    """A migration that failed or timed out must not go on in the background: its guest's
+    vCPU would take a core from the next run (and its destination would keep its port)."""
+    try:
+        yield
+    except BaseException:
+        for vm in (src, dst):
+            with contextlib.suppress(Exception):
+                vm.stop_process()
+        raise
 
 
 def agent_migration(
@@ -175,9 +190,10 @@ def agent_migration(
             if on_progress is not None:
                 on_progress(info)
         hook = hook_with_failure
-    outcome = run_migration(src, dst, f"unix:{src_socket}", capabilities=capabilities,
-                            parameters=parameters, min_iterations=min_iterations,
-                            timeout_s=timeout_s, on_progress=hook)
+    with _stopped_on_failure(src, dst):
+        outcome = run_migration(src, dst, f"unix:{src_socket}", capabilities=capabilities,
+                                parameters=parameters, min_iterations=min_iterations,
+                                timeout_s=timeout_s, on_progress=hook)
     outcome.wall_time_s = time.monotonic() - started
     return judge(bed, src, dst, outcome, label)
 

@@ -46,7 +46,12 @@ def run(request: pytest.FixtureRequest, products: BuildProducts,
         leak_check: None) -> Iterator[Run]:
     # Plaintext (configured explicitly) lets injected damage reach the frame checks; with TLS
     # its record MAC catches it first. Both must end the same way: never delivered.
-    settings = {"tls": {"plaintext": True}} if request.param == "plaintext" else None
+    choices: dict[str, dict[str, Any]] = {
+        "plaintext": {"tls": {"plaintext": True}},
+        # the opt-in direct lane carries passthrough only: force passthrough on the WAN
+        "lane": {"codec": {"mode": "passthrough"}, "transport": {"direct_lane": True}},
+    }
+    settings = choices.get(request.param)
     with TestBed(("a", "b"), wan=WAN, tcp=TcpSettings.stock()) as bed:
         agents = {h: TestAgent(bed, h, settings=settings)
                   for h in ("a", "b")}  # WAN: the encoded data path
@@ -179,3 +184,25 @@ def test_corrupted_frame_is_never_delivered(run: Run) -> None:
         assert lost["corrupt_frames"] >= 1, lost  # the frame check caught it
     else:
         assert lost["connections_lost"] >= 1, lost  # TLS dropped the damaged connection
+
+
+# The direct lane (opt-in, unencrypted, spliced by the kernel) does not survive a broken
+# connection, but whatever breaks, the migration fails on the source and the VM runs on.
+@pytest.mark.parametrize("run", ["lane"], indirect=True)
+@pytest.mark.parametrize("inject", ["destination agent", "source agent", "destination QEMU"])
+def test_direct_lane_failures_leave_the_vm_on_the_source(run: Run, inject: str) -> None:
+    actions: dict[str, Callable[[Run], None]] = {
+        "destination agent": lambda r: r.agents["b"].kill(),
+        "source agent": lambda r: r.agents["a"].kill(),
+        "destination QEMU": lambda r: os.kill(r.dst.pid, signal.SIGKILL),
+    }
+    info = migrate_with(run, actions[inject])
+    assert_failed_safely(run, info, "")
+    assert "direct lane to b" in run.agents["a"].log_tail(50000)
+
+
+@pytest.mark.parametrize("run", ["lane"], indirect=True)
+def test_direct_lane_completion_is_identical(run: Run) -> None:
+    info = migrate_with(run, None)
+    assert_completed_identically(run, info)
+    assert _wait_recent(run.agents["a"])["transport"]["0"] == {"lane": "direct"}

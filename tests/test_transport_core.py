@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dwcp_migrate.transports.acceptor import SessionTable
@@ -83,6 +83,7 @@ class SimNet:
         self.target = n
         self.errors: list[TransportError] = []
         self.corrupt = corrupt
+        self.flips = 0  # chunks corrupted on their way to the acceptor
         for _ in range(n):
             self.open()
 
@@ -166,6 +167,7 @@ class SimNet:
             del link.to_acc[:n]
             if self.corrupt and rng.random() < 0.05:
                 chunk = _flip(chunk, rng)
+                self.flips += 1
             self._to_acceptor(link, chunk)
         if link.to_ini and not link.dead:
             n = rng.randint(1, len(link.to_ini))
@@ -499,7 +501,10 @@ def test_corrupted_frames_drop_the_connection_never_the_data(seed: int) -> None:
     else:
         pytest.fail("transfer did not finish")
     assert bytes(got) == data
-    assert net.errors  # corruption did happen
+    # Some seeds corrupt nothing on the way (each delivery is hit with 5 % chance): those say
+    # nothing about corruption, so they do not count as examples.
+    assume(net.flips > 0)
+    assert net.errors  # ... and the corruption was caught
 
 
 def test_too_much_corruption_fails_the_session() -> None:

@@ -40,7 +40,7 @@ def test_nobody_connects(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lane, "LANE_ACCEPT_TIMEOUT", 0.2)
 
     async def main() -> None:
-        with pytest.raises(LaneError, match="no lane connection"):
+        with pytest.raises(LaneError, match="did not open the direct lane"):
             await LaneListener("127.0.0.1").accept()
 
     asyncio.run(main())

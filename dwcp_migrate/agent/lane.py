@@ -88,8 +88,10 @@ class LaneListener:
                     conn.close()
                     raise
         except TimeoutError:
-            raise LaneError(f"no lane connection with the token within "
-                            f"{LANE_ACCEPT_TIMEOUT:g} s") from None
+            raise LaneError(f"the source agent did not open the direct lane within "
+                            f"{LANE_ACCEPT_TIMEOUT:g} s (port {self.port}): let this host's "
+                            f"ephemeral ports through the firewall from the source, or set "
+                            f"transport.direct_lane: false") from None
         finally:
             self._sock.close()
         if not hmac.compare_digest(got, self.token):
@@ -114,7 +116,9 @@ async def connect_lane(host: str, port: int, token: bytes) -> socket.socket:
             await loop.sock_sendall(sock, token)
     except (OSError, TimeoutError) as exc:
         sock.close()
-        raise LaneError(f"cannot open the direct lane to {host}:{port}: {exc}") from exc
+        raise LaneError(f"cannot open the direct lane to {host}:{port}: {exc} (the "
+                        f"destination's ephemeral ports must be reachable from here; or set "
+                        f"transport.direct_lane: false on either agent)") from exc
     except BaseException:
         sock.close()
         raise

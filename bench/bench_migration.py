@@ -102,7 +102,7 @@ def main() -> int:
             f"{os.cpu_count()} CPUs, QEMU 10.0 (TCG), bare-metal test guest: {args.memory} MiB "
             f"RAM, {args.working_set} MiB working set dirtying {args.dirty:g} MiB/s. Stock "
             "host TCP settings (cubic, 4 MiB send buffer) on both hosts; the agents tune their "
-            "own sockets by path mode (2 cubic connections on the LAN, 8 bbr on the WAN). "
+            "own sockets by path mode (1 cubic connection on the LAN, 8 bbr on the WAN). "
             "QEMU's default 128 MiB/s throttle (max-bandwidth) is lifted "
             "in every run, as libvirt does. Medians of "
             f"{args.repeats} runs on lan and wan (each round on a fresh bed; every run's time "

@@ -335,8 +335,12 @@ _DEFAULTS = {
     # Sub-10 ms, multi-Gbit/s: the link outruns Python encoding (2-3 ms per MiB), so bytes
     # pass through untouched. CUBIC: nothing to gain from BBR's probing on a short clean path,
     # and it shares fairly with the datacenter's other (CUBIC) flows. lz4 only if encoding is
-    # forced by configuration. RDMA fabrics live here.
-    Mode.DATACENTER: ModeDefaults(Mode.DATACENTER, 2, 1, 8, "cubic", "lz4", "passthrough",
+    # forced by configuration. RDMA fabrics live here. One connection to start: the session's
+    # sender is one Python thread, so on a fast path more connections add per-frame work and
+    # no bandwidth (veth LAN: 1 connection 0.75x an iperf3 stream, 2 about 0.62x, 4 0.60x;
+    # docs/BENCHMARKS.md); the goodput adaptation steps up where more do pay (for example
+    # where one flow is held to one core's receive processing).
+    Mode.DATACENTER: ModeDefaults(Mode.DATACENTER, 1, 1, 8, "cubic", "lz4", "passthrough",
                                   True),
     # Fast but long (or fast-ish and short): encode, but cheaply. Zero pages, dedup and deltas
     # are most of the win and cost little; lz4 keeps the compressor off the critical path.

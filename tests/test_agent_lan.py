@@ -62,7 +62,7 @@ def test_lan_migration_passes_through_on_the_datacenter_settings(
     assert transport["congestion_control"] == "cubic", transport
     assert transport["connections_opened"] == 8, transport  # first contact: the most
     # then the mode's count; goodput adaptation may probe upwards from there
-    assert "datacenter path: 2 connections, adapting within 1..8, cubic" in outcome.source_log
+    assert "datacenter path: 1 connection, adapting within 1..8, cubic" in outcome.source_log
     assert 1 <= transport["connections_at_end"] <= 8, transport
 
 

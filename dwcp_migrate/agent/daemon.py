@@ -253,9 +253,9 @@ class Agent:
             high = max(low, min(defaults.max_streams, settings.max_streams))
             count = min(max(defaults.streams, low), high)
             session.restart(count, StreamRange(low, high) if settings.adapt else None)
-            log.info("session to %s: %s path: %d connections%s, %s", session.peer, mode.value,
-                     count, f", adapting within {low}..{high}" if settings.adapt else "",
-                     session.congestion_control)
+            adapting = f", adapting within {low}..{high}" if settings.adapt else ""
+            log.info("session to %s: %s path: %d connection%s%s, %s", session.peer, mode.value,
+                     count, "" if count == 1 else "s", adapting, session.congestion_control)
 
     # ---- source side ----------------------------------------------------------------------
     def _qemu_handler(self, peer: PeerConfig) -> Callable[[QemuConnection], None]:

@@ -17,6 +17,7 @@ from dwcp_migrate.agent.channel import (
     MessageReader,
     MessageType,
     encode,
+    encode_joined,
 )
 
 messages = st.lists(st.tuples(st.sampled_from(list(MessageType)),
@@ -48,6 +49,23 @@ def test_header_then_whole_payload_is_not_copied() -> None:
     assert reader.feed(header) == []
     (msg,) = reader.feed(payload)
     assert isinstance(msg.payload, memoryview) and msg.payload.obj is payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=5000), max_size=6), st.integers(0, 20_000))
+def test_a_joined_message_is_the_parts_in_one(parts: list[bytes], cut: int) -> None:
+    joined = encode_joined(MessageType.RAW, [memoryview(p) for p in parts])
+    assert joined == b"".join(encode(MessageType.RAW, b"".join(parts)))
+    reader = MessageReader()
+    at = cut % (len(joined) + 1)
+    got = reader.feed(joined[:at]) + reader.feed(joined[at:])
+    assert [(m.type, bytes(m.payload)) for m in got] == [(MessageType.RAW, b"".join(parts))]
+
+
+def test_a_joined_message_over_the_limit_is_refused() -> None:
+    part = memoryview(bytes(MAX_MESSAGE // 2 + 1))
+    with pytest.raises(ChannelProtocolError, match="exceeds"):
+        encode_joined(MessageType.RAW, [part, part])
 
 
 def test_truncated_message_is_pending() -> None:

@@ -142,3 +142,31 @@ def test_a_lost_connection_fails_drain_and_ends_reads(tmp_path: Path) -> None:
         raise AssertionError("drain() after the peer vanished did not fail")
 
     asyncio.run(main())
+
+
+def test_read_parts_takes_what_is_buffered_up_to_the_limit() -> None:
+    async def main() -> None:
+        left, right = socket.socketpair()
+        conn = QemuConnection()
+        RawTransport(asyncio.get_running_loop(), left, conn)
+        first = asyncio.ensure_future(conn.read_parts(1000))
+        await asyncio.sleep(0.02)
+        assert not first.done()  # nothing received yet: waits for the first bytes
+        right.sendall(b"a" * 300)
+        assert b"".join(await first) == b"a" * 300
+        blob = os.urandom(3 << 20)  # several receive buffers' worth
+        await asyncio.get_running_loop().run_in_executor(None, right.sendall, blob)
+        while conn._buffered < len(blob):
+            await asyncio.sleep(0.01)
+        got = bytearray()
+        while len(got) < len(blob):
+            parts = await conn.read_parts(700_000)
+            assert sum(map(len, parts)) == min(700_000, len(blob) - len(got))
+            for part in parts:
+                got += part
+        assert bytes(got) == blob
+        right.close()
+        assert await conn.read_parts() == []
+        conn.close()
+
+    asyncio.run(main())

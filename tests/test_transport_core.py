@@ -37,6 +37,7 @@ from dwcp_migrate.transports.flow import RecvStream, SendStream
 from dwcp_migrate.transports.frames import (
     HEADER_SIZE,
     AckInfo,
+    BufferPool,
     Flag,
     Frame,
     FrameReader,
@@ -394,6 +395,19 @@ def test_recv_stream_refuses_what_breaks_the_rules() -> None:
     with pytest.raises(SequenceError, match="after its FIN"):
         recv.on_data(400, b"e", "b")
     assert recv.held_bytes == 200
+
+
+def test_small_frames_do_not_pin_whole_pool_buffers() -> None:
+    pool = BufferPool(1 << 20, limit=4)
+    small = pool.take(100_000)  # under half a buffer: a buffer of its own size
+    assert len(small) == 100_000 and small.obj is not None and small.nbytes == 100_000
+    assert len(bytes(small.obj)) == 100_000
+    big = pool.take(600_000)  # pooled: a whole buffer, reused once let go
+    assert len(big) == 600_000 and len(bytes(big.obj)) == 1 << 20
+    first = id(big.obj)
+    del big
+    again = pool.take(1 << 20)
+    assert id(again.obj) == first
 
 
 def test_send_window_bounds_memory_and_credit_bounds_sending() -> None:

@@ -278,7 +278,10 @@ class BufferPool:
         self._lent: deque[bytearray] = deque()
 
     def take(self, n: int) -> memoryview:
-        if n > self.size or n < self.SMALL:
+        # Less than half a buffer gets a buffer of its own size: unread frames then hold at
+        # most twice their bytes, so the receive window bounds memory even against a peer
+        # sending small frames (each in a pooled 1 MiB buffer, 64 KiB frames would pin 16x).
+        if n > self.size or n < max(self.SMALL, self.size // 2):
             return memoryview(bytearray(n))
         lent = self._lent
         # The oldest first (applications read in order); all of them if need be: a busy

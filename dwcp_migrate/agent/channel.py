@@ -75,6 +75,19 @@ def encode(kind: MessageType, payload: bytes | bytearray | memoryview = b"") -> 
     return [header, bytes(payload)] if payload else [header]
 
 
+def encode_joined(kind: MessageType, parts: list[memoryview] | list[bytes]) -> bytes:
+    """The message as one buffer: header and the parts' bytes, gathered with one copy.
+
+    For passthrough: a message then fits one AMST frame (the header sent apart was a frame of
+    its own), and QEMU's reads, often a few hundred KiB each (its socket buffer), travel as
+    one message of up to a frame instead of one each.
+    """
+    length = sum(len(p) for p in parts)
+    if length > MAX_MESSAGE:
+        raise ChannelProtocolError(f"{kind.name} message of {length} bytes exceeds {MAX_MESSAGE}")
+    return b"".join([HEADER.pack(kind, length), *parts])
+
+
 def encode_json(kind: MessageType, value: dict[str, Any]) -> list[bytes]:
     return encode(kind, json.dumps(value, separators=(",", ":")).encode())
 

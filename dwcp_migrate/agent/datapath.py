@@ -20,11 +20,13 @@ from functools import partial
 from typing import Any, Protocol
 
 from dwcp_migrate.agent.channel import (
+    HEADER,
     ChannelProtocolError,
     Message,
     MessageReader,
     MessageType,
     encode,
+    encode_joined,
 )
 from dwcp_migrate.agent.records import ChannelCounters
 from dwcp_migrate.errors import MigrationError
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 1024 * 1024  # per read from QEMU: big reads keep per-call overhead low
 IDLE_FLUSH_S = 0.002  # QEMU sent nothing for this long: flush the encoder's partial batch
+RAW_MESSAGE_BYTES = READ_SIZE - HEADER.size  # passthrough: a message fills a default frame
 PIPELINE_DEPTH = 8  # items between two stages: bounds memory (~8 MiB) while keeping overlap
 
 
@@ -50,6 +53,7 @@ class QemuReader(Protocol):
     """The reading side of a local QEMU connection (agent.qemuio.QemuConnection)."""
 
     async def read(self, max_bytes: int = ...) -> bytes | memoryview: ...
+    async def read_parts(self, max_bytes: int = ...) -> list[memoryview]: ...
 
 
 class QemuWriter(Protocol):
@@ -145,9 +149,13 @@ async def qemu_to_session(reader: QemuReader, session: Session,
         for chunk in head:
             counters.bytes_from_qemu += len(chunk)
             await send_message(session, counters, MessageType.RAW, chunk)
-        while not head_eof and (chunk := await reader.read(READ_SIZE)):
-            counters.bytes_from_qemu += len(chunk)
-            await send_message(session, counters, MessageType.RAW, chunk)
+        # One message per frame's worth of what QEMU has written by now, header included:
+        # fewer, fuller frames (per-frame work on both agents; see channel.encode_joined).
+        while not head_eof and (parts := await reader.read_parts(RAW_MESSAGE_BYTES)):
+            message = encode_joined(MessageType.RAW, parts)
+            counters.bytes_from_qemu += len(message) - HEADER.size
+            counters.wire_bytes += len(message)
+            await session.send(message)
         await send_message(session, counters, MessageType.EOF)
         return
 

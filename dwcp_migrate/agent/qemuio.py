@@ -135,6 +135,20 @@ class QemuConnection(asyncio.BufferedProtocol):
             transport.resume_reading()
         return memoryview(buf)[start:end]
 
+    async def read_parts(self, max_bytes: int = READ_BUFFER) -> list[memoryview]:
+        """What has been received, up to ``max_bytes``, as views (see :meth:`read`): waits
+        for the first bytes, then takes whatever else is already here. ``[]`` at the end."""
+        first = await self.read(max_bytes)
+        if not first:
+            return []
+        parts = [memoryview(first)]
+        room = max_bytes - len(first)
+        while room > 0 and self._segments:
+            part = await self.read(room)  # data is buffered: returns without waiting
+            parts.append(memoryview(part))
+            room -= len(part)
+        return parts
+
     def write(self, data: bytes | memoryview) -> None:
         """Queue ``data`` for QEMU; it must not change until sent (bytes, or views of them)."""
         if self._lost:

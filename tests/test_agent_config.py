@@ -35,6 +35,14 @@ def test_defaults() -> None:
     assert cfg.listen_port == 7480 and cfg.codec.mode == "auto"
     assert cfg.security.plaintext and cfg.security.tls is None
     assert cfg.peers["b"].libvirt_uri == "qemu+tcp://10.0.0.2/system"
+    assert cfg.transport.direct_lane_ports is None
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("49200-49299", (49200, 49299)), (50000, (50000, 50000)), (" 2000 - 2001 ", (2000, 2001))])
+def test_direct_lane_ports(value: object, expected: tuple[int, int]) -> None:
+    cfg = parse_config({**base(), "transport": {"direct_lane_ports": value}})
+    assert cfg.transport.direct_lane_ports == expected
 
 
 @pytest.mark.parametrize("change,key", [
@@ -49,6 +57,10 @@ def test_defaults() -> None:
     ({"transport": {"streams": 0}}, "transport.streams"),
     ({"transport": {"streams": 4, "max_streams": 2}}, "transport"),
     ({"transport": {"congestion_control": "vegas"}}, "transport.congestion_control"),
+    ({"transport": {"direct_lane_ports": "49300-49200"}}, "transport.direct_lane_ports"),
+    ({"transport": {"direct_lane_ports": "80"}}, "transport.direct_lane_ports"),
+    ({"transport": {"direct_lane_ports": "many"}}, "transport.direct_lane_ports"),
+    ({"transport": {"direct_lane_ports": True}}, "transport.direct_lane_ports"),
     ({"codec": {"mode": "fast"}}, "codec.mode"),
     ({"codec": {"wan": "gzip"}}, "codec.wan"),
     ({"codec": {"cache_mib": "lots"}}, "codec.cache_mib"),

@@ -36,12 +36,50 @@ def test_token_gate() -> None:
     asyncio.run(main())
 
 
+def _free_port_range(n: int) -> tuple[int, int]:
+    """``n`` consecutive ports none of which is listening right now (best effort)."""
+    for low in range(41000, 60000, 97):
+        taken = False
+        for port in range(low, low + n):
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken:
+            return low, low + n - 1
+    raise AssertionError("no free port range")
+
+
+def test_lane_ports_come_from_the_configured_range() -> None:
+    low, high = _free_port_range(3)
+    listeners = [LaneListener("127.0.0.1", (low, high)) for _ in range(3)]
+    assert sorted(lst.port for lst in listeners) == [low, low + 1, high]
+    with pytest.raises(LaneError, match=rf"every port .* \({low}-{high}\) is in use"):
+        LaneListener("127.0.0.1", (low, high))
+
+    async def main() -> None:
+        for lst in listeners:  # each still takes its connection (and then closes its port)
+            accepting = asyncio.create_task(lst.accept())
+            sock = await connect_lane("127.0.0.1", lst.port, lst.token)
+            (await accepting).close()
+            sock.close()
+
+    asyncio.run(main())
+    again = LaneListener("127.0.0.1", (low, high))  # the range is free again
+    assert low <= again.port <= high
+
+
 def test_nobody_connects(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lane, "LANE_ACCEPT_TIMEOUT", 0.2)
 
     async def main() -> None:
         with pytest.raises(LaneError, match="did not open the direct lane"):
             await LaneListener("127.0.0.1").accept()
+        with pytest.raises(LaneError, match=r"let ports \d+-\d+ \(transport.direct_lane_ports\)"):
+            low, high = _free_port_range(2)
+            await LaneListener("127.0.0.1", (low, high)).accept()
 
     asyncio.run(main())
 

@@ -97,9 +97,9 @@ class MessageReader:
 
     A message that arrives within one fed chunk keeps a view of that chunk as its payload
     (no copy: the chunks must not change afterwards, as AMST's received frames do not); one
-    spread over several chunks is gathered with one copy. The sender sends a message's
-    header and payload apart, so the common case is a header alone, then the payload whole
-    in the next chunk: that is taken without a copy too.
+    spread over several chunks is gathered with one copy. Batches are sent with header and
+    payload apart (a header alone, then the payload whole in the next chunk: taken without a
+    copy too); passthrough messages as one buffer of at most a frame (:func:`encode_joined`).
     """
 
     def __init__(self) -> None:

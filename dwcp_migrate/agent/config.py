@@ -37,7 +37,7 @@ AUTO = "auto"  # transport.streams / congestion_control: what the detected path 
 @dataclass(frozen=True)
 class TransportSettings:
     # TCP connections per migration channel at start; None (auto): the path mode's count
-    # (policies/mode.py: 2 in a datacenter, 4 hybrid, 8 on the internet)
+    # (policies/mode.py: 1 in a datacenter, 4 hybrid, 8 on the internet)
     streams: int | None = None
     min_streams: int = 1
     max_streams: int = 16
@@ -46,6 +46,8 @@ class TransportSettings:
     congestion_control: str | None = AUTO
     # passthrough bytes spliced over a plain TCP connection (agent/lane.py): not encrypted
     direct_lane: bool = False
+    # where the destination listens for lanes (inclusive range); None: an ephemeral port
+    direct_lane_ports: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,22 @@ def _port(text: str, key: str) -> int:
     return int(text)
 
 
+def _port_range(value: object, key: str) -> tuple[int, int] | None:
+    """``None``, a port, or ``"LOW-HIGH"`` (inclusive), all within 1024..65535."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    low_s, _, high_s = text.partition("-")
+    try:
+        low, high = int(low_s), int(high_s or low_s)
+    except ValueError:
+        low = high = -1
+    if isinstance(value, bool) or not 1024 <= low <= high <= 65535:
+        raise ConfigError(f"{key}: {value!r}: use a port or a range LOW-HIGH within "
+                          f"1024..65535 (for example 49200-49299)")
+    return low, high
+
+
 def _compression(value: Any, key: str) -> Compression:
     try:
         return Compression.parse(str(value))
@@ -232,7 +250,9 @@ def parse_config(data: Any, source: Path | None = None) -> AgentConfig:
                           "or system")
     transport = TransportSettings(streams, min_streams, max_streams,
                                   tr.boolean("adapt", True), None if cc == "system" else cc,
-                                  tr.boolean("direct_lane", False))
+                                  tr.boolean("direct_lane", False),
+                                  _port_range(tr.get("direct_lane_ports"),
+                                              tr.key("direct_lane_ports")))
     tr.finish()
 
     cs = top.section("codec")

@@ -29,7 +29,7 @@ from dwcp_migrate.agent.datapath import (
     session_to_qemu,
 )
 from dwcp_migrate.agent.lane import Counter as LaneCounter
-from dwcp_migrate.agent.lane import LaneListener, connect_lane, run_lane
+from dwcp_migrate.agent.lane import LaneError, LaneListener, connect_lane, run_lane
 from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
 from dwcp_migrate.agent.records import ChannelCounters, MigrationLog, MigrationRecord
 from dwcp_migrate.errors import MigrationError
@@ -491,8 +491,13 @@ class Agent:
             accept: dict[str, Any] = {"channel": index}
             if (request.get("lane") == "direct" and request["mode"] == "passthrough"
                     and self.config.transport.direct_lane):
-                listener = LaneListener(self.config.listen_host)
-                accept["lane"] = {"port": listener.port, "token": listener.token.hex()}
+                try:
+                    listener = LaneListener(self.config.listen_host,
+                                            self.config.transport.direct_lane_ports)
+                    accept["lane"] = {"port": listener.port, "token": listener.token.hex()}
+                except LaneError as exc:  # the session carries it instead
+                    log.warning("migration %s channel %d: no direct lane (%s); passthrough "
+                                "through the session", request.get("migration"), index, exc)
             for part in encode_json(MessageType.ACCEPT, accept):
                 counters.wire_bytes += len(part)
                 await session.send(part)

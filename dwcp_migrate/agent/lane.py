@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hmac
 import logging
@@ -58,18 +59,47 @@ class LaneError(MigrationError):
 class LaneListener:
     """Destination: a one-connection listening socket for a lane, with its token."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, ports: tuple[int, int] | None = None) -> None:
+        """``ports``: the range to listen in (``transport.direct_lane_ports``), tried from a
+        random place on; None: an ephemeral port. Raises :class:`LaneError` when every port
+        of the range is taken."""
         self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.ports = ports
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self._sock.bind((host, 0))
-            self._sock.listen(1)
-            self._sock.setblocking(False)
-        except BaseException:
-            self._sock.close()
-            raise
+        candidates = [0]
+        if ports is not None:
+            low, high = ports
+            start = secrets.randbelow(high - low + 1)
+            span = list(range(low, high + 1))
+            candidates = span[start:] + span[:start]
+        for port in candidates:
+            self._sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                # A port whose last lane is in TIME_WAIT is free for a new listener: without
+                # this a small range would be used up for a minute after each migration.
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._sock.bind((host, port))
+                self._sock.listen(1)
+                self._sock.setblocking(False)
+                break
+            except OSError as exc:
+                self._sock.close()
+                if exc.errno != errno.EADDRINUSE or port == 0:
+                    raise
+            except BaseException:
+                self._sock.close()
+                raise
+        else:
+            assert ports is not None
+            raise LaneError(f"every port of transport.direct_lane_ports ({ports[0]}-{ports[1]}) "
+                            f"is in use on {host}: widen the range")
         self.port: int = self._sock.getsockname()[1]
+
+    def _where(self) -> str:
+        if self.ports is None:
+            return "let this host's ephemeral ports through the firewall from the source"
+        return (f"let ports {self.ports[0]}-{self.ports[1]} (transport.direct_lane_ports) "
+                f"through the firewall from the source")
 
     async def accept(self) -> socket.socket:
         """The connection that presents the token; anything else is closed and refused."""
@@ -89,9 +119,8 @@ class LaneListener:
                     raise
         except TimeoutError:
             raise LaneError(f"the source agent did not open the direct lane within "
-                            f"{LANE_ACCEPT_TIMEOUT:g} s (port {self.port}): let this host's "
-                            f"ephemeral ports through the firewall from the source, or set "
-                            f"transport.direct_lane: false") from None
+                            f"{LANE_ACCEPT_TIMEOUT:g} s (port {self.port}): {self._where()}, "
+                            f"or set transport.direct_lane: false") from None
         finally:
             self._sock.close()
         if not hmac.compare_digest(got, self.token):

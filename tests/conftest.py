@@ -6,19 +6,45 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from dwcp_migrate import paths
 from dwcp_migrate.paths import build_dir
 from dwcp_migrate.testbed.build import BuildProducts, build_all
+from dwcp_migrate.testbed.guests import GuestImages, build_guests
 from dwcp_migrate.testbed.procs import reap_stale_beds
+from tests.stream_fixtures import Capture, CaptureSpec, load_or_capture
 
 
 @pytest.fixture(scope="session")
 def products() -> BuildProducts:
     return build_all(build_dir())
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> GuestImages:
+    return build_guests(build_dir())
+
+
+@pytest.fixture(scope="session")
+def captures(guest_images: GuestImages) -> Iterator[Callable[[str, str], Capture]]:
+    """Real captures of QEMU 7.2 and 10.0 by scenario (tests/stream_fixtures.py; cached
+    under .cache/captures), made once per test session."""
+    made: dict[tuple[str, str], Capture] = {}
+    with tempfile.TemporaryDirectory(prefix="dwcp-captures-") as tmp:
+        def get(qemu: str, scenario: str) -> Capture:
+            if (qemu, scenario) not in made:
+                spec = CaptureSpec(qemu, scenario)
+                try:
+                    made[qemu, scenario] = load_or_capture(spec, guest_images, Path(tmp))
+                except Exception:  # TCG guests are sometimes slow: one retry
+                    made[qemu, scenario] = load_or_capture(spec, guest_images, Path(tmp))
+            return made[qemu, scenario]
+        yield get
 
 
 @pytest.fixture(scope="session")

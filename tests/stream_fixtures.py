@@ -203,6 +203,7 @@ def typical_multifd(qemu72: bool = False) -> bytes:
 # ---- real captures -------------------------------------------------------------------------
 CAPTURE_FORMAT = 1  # bump to invalidate cached captures when the capture procedure changes
 SCENARIOS = ("single", "multi", "multifd")
+CAPTURES = [(q, s) for q in ("7.2", "10") for s in SCENARIOS]  # every (QEMU, scenario) pair
 
 
 @dataclass(frozen=True)
@@ -415,52 +416,60 @@ def replay(capture: Capture, channels: Sequence[bytes], work: Path, timeout: flo
     """Feed ``channels`` (main first, then multifd) to a fresh destination QEMU over a unix
     socket; returns the destination's query-migrate once it completed (or failed)."""
     work.mkdir(parents=True, exist_ok=True)
-    sock_path = work / "in.sock"
     with destination(capture, work) as vm:
-        if len(channels) > 1:
-            vm.set_migration(capabilities={"multifd": True},
-                             parameters={"multifd-channels": len(channels) - 1})
-        vm.qmp("migrate-incoming", uri=f"unix:{sock_path}")
-        errors: list[BaseException] = []
+        return feed_channels(vm, channels, work / "in.sock", timeout)
 
-        def send(sock: socket.socket, data: bytes) -> None:
-            try:
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                errors.append(exc)
 
-        socks: list[socket.socket] = []
-        threads: list[threading.Thread] = []
+def feed_channels(vm: GuestVM, channels: Sequence[bytes], sock_path: Path, timeout: float
+                  ) -> dict[str, Any]:
+    """Make ``vm`` (a destination started with ``incoming="defer"``) listen at ``sock_path``
+    and send it ``channels``, main first; its query-migrate once completed or failed (status
+    "timeout (...)" or "destination exited (...)" otherwise), with its stderr."""
+    if len(channels) > 1:
+        vm.set_migration(capabilities={"multifd": True},
+                         parameters={"multifd-channels": len(channels) - 1})
+    vm.qmp("migrate-incoming", uri=f"unix:{sock_path}")
+    errors: list[BaseException] = []
+
+    def send(sock: socket.socket, data: bytes) -> None:
         try:
-            for i, data in enumerate(channels):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(str(sock_path))
-                socks.append(s)
-                t = threading.Thread(target=send, args=(s, data), daemon=True)
-                t.start()
-                threads.append(t)
-                if i == 0 and len(channels) > 1:
-                    time.sleep(0.3)  # QEMU 7.2 takes the first connection as the main one
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    info: dict[str, Any] = vm.query_migrate()
-                except GuestError:  # QEMU exits when an incoming migration fails
-                    time.sleep(0.2)
-                    info = {"status": f"destination exited ({vm.process and vm.process.poll()})"}
-                    break
-                if info.get("status") in ("completed", "failed"):
-                    break
-                if time.monotonic() > deadline:
-                    info["status"] = f"timeout ({info.get('status')})"
-                    break
-                time.sleep(0.05)
-            info["stderr"] = vm.stderr_text()
-            for t in threads:
-                t.join(timeout=10)
-            return info
-        finally:
-            for s in socks:
-                s.close()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            errors.append(exc)
+
+    socks: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+    try:
+        for i, data in enumerate(channels):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(sock_path))
+            socks.append(s)
+            t = threading.Thread(target=send, args=(s, data), daemon=True)
+            t.start()
+            threads.append(t)
+            if i == 0 and len(channels) > 1:
+                time.sleep(0.3)  # QEMU 7.2 takes the first connection as the main one
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info: dict[str, Any] = vm.query_migrate()
+            except GuestError:  # QEMU exits when an incoming migration fails
+                time.sleep(0.2)
+                info = {"status": f"destination exited ({vm.process and vm.process.poll()})"}
+                break
+            if info.get("status") in ("completed", "failed"):
+                break
+            if time.monotonic() > deadline:
+                info["status"] = f"timeout ({info.get('status')})"
+                break
+            time.sleep(0.05)
+        info["stderr"] = vm.stderr_text()
+        for t in threads:
+            t.join(timeout=10)
+        info["send_errors"] = [repr(e) for e in errors]
+        return info
+    finally:
+        for s in socks:
+            s.close()

@@ -10,16 +10,11 @@ refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,18 +38,16 @@ from dwcp_migrate.codec import (
 from dwcp_migrate.codec.container import BATCH_FRAME, END_SIZE
 from dwcp_migrate.errors import DwcpError, GuestError
 from dwcp_migrate.pagecodec import Compression, CorruptBatchError, PageCodecConfig
-from dwcp_migrate.paths import build_dir
 from dwcp_migrate.stream import MainChannelParser, MultifdChannelParser, RamPage, ZeroPage
 from dwcp_migrate.stream import records as rec
-from dwcp_migrate.testbed.guests import GuestImages, SerialLog, build_guests
+from dwcp_migrate.testbed.guests import SerialLog
 from tests.stream_fixtures import (
+    CAPTURES,
     PAGE,
-    SCENARIOS,
     Capture,
-    CaptureSpec,
     StreamBuilder,
     destination,
-    load_or_capture,
+    feed_channels,
     page_bytes,
     typical_multifd,
     typical_stream,
@@ -472,35 +465,7 @@ def test_decoder_damage_without_the_container_is_refused_by_the_page_codec() -> 
     assert b"".join(dec.decode(b) for b in batches) == data  # nothing was released or kept
 
 
-# ---- real captures --------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def capture_scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="dwcp-codec-") as tmp:
-        yield Path(tmp)
-
-
-@pytest.fixture(scope="session")
-def guest_images() -> GuestImages:
-    return build_guests(build_dir())
-
-
-CAPTURES = [(q, s) for q in ("7.2", "10") for s in SCENARIOS]
-
-
-@pytest.fixture(scope="session")
-def captures(capture_scratch: Path, guest_images: GuestImages
-             ) -> Callable[[str, str], Capture]:
-    made: dict[tuple[str, str], Capture] = {}
-
-    def get(qemu: str, scenario: str) -> Capture:
-        if (qemu, scenario) not in made:
-            spec = CaptureSpec(qemu, scenario)
-            try:
-                made[qemu, scenario] = load_or_capture(spec, guest_images, capture_scratch)
-            except Exception:  # TCG guests are sometimes slow: one retry
-                made[qemu, scenario] = load_or_capture(spec, guest_images, capture_scratch)
-        return made[qemu, scenario]
-    return get
+# ---- real captures (fixtures: tests/conftest.py) ----------------------------------------------
 
 
 def _channels(cap: Capture) -> list[bytes]:
@@ -602,46 +567,6 @@ def test_damaged_real_container_is_refused(real_container: bytes, draw: st.DataO
         read_container(bytes(data))
 
 
-def _feed_destination(vm: Any, channels: Sequence[bytes], sock_path: Path, timeout: float
-                      ) -> dict[str, Any]:
-    """Connect to the destination's listening socket, main channel first, and send."""
-    errors: list[BaseException] = []
-
-    def send(sock: socket.socket, data: bytes) -> None:
-        try:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            errors.append(exc)
-
-    socks: list[socket.socket] = []
-    threads: list[threading.Thread] = []
-    try:
-        for i, data in enumerate(channels):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(sock_path))
-            socks.append(s)
-            t = threading.Thread(target=send, args=(s, data), daemon=True)
-            t.start()
-            threads.append(t)
-            if i == 0 and len(channels) > 1:
-                time.sleep(0.3)  # QEMU 7.2 takes the first connection as the main one
-        deadline = time.monotonic() + timeout
-        while True:
-            info: dict[str, Any] = vm.query_migrate()
-            if info.get("status") in ("completed", "failed") or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        for t in threads:
-            t.join(timeout=10)
-        assert not errors, errors
-        return info
-    finally:
-        for s in socks:
-            s.close()
-
-
 # QEMU 7.2 under TCG does not reproduce guest RAM in a multi-iteration migration at all (see
 # docs/TESTBED.md), with or without dwcp: its guest is verified after single-pass and multifd
 # migrations only (the multi capture is still round-tripped above).
@@ -659,14 +584,9 @@ def test_destination_accepts_decoded_stream_and_guest_verifies(
         out, _ = read_container(container(data, compression="zstd:3", seed=n), seed=n)
         assert out == data
         decoded.append(out)
-    sock_path = tmp_path / "in.sock"
     with destination(cap, tmp_path) as vm:
-        if len(decoded) > 1:
-            vm.set_migration(capabilities={"multifd": True},
-                             parameters={"multifd-channels": len(decoded) - 1})
-        vm.qmp("migrate-incoming", uri=f"unix:{sock_path}")
-        info = _feed_destination(vm, decoded, sock_path, timeout=120)
-        assert info["status"] == "completed", (info, vm.stderr_text())
+        info = feed_channels(vm, decoded, tmp_path / "in.sock", timeout=120)
+        assert info["status"] == "completed" and not info["send_errors"], info
         if vm.status() != "running":
             vm.qmp("cont")  # the source was paused (single pass): so is the destination
         log = SerialLog(vm.serial_path, is_alive=vm.running_process)

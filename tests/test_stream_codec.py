@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import random
 import struct
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dwcp_migrate.errors import DwcpError
-from dwcp_migrate.paths import build_dir
 from dwcp_migrate.stream import (
     ChannelKind,
     Command,
@@ -50,14 +48,11 @@ from dwcp_migrate.stream import (
     write_records,
 )
 from dwcp_migrate.stream import records as rec
-from dwcp_migrate.testbed.guests import GuestImages, build_guests
 from tests.stream_fixtures import (
+    CAPTURES,
     PAGE,
-    SCENARIOS,
     Capture,
-    CaptureSpec,
     StreamBuilder,
-    load_or_capture,
     multifd_init,
     multifd_packet,
     page_bytes,
@@ -484,34 +479,7 @@ def test_multifd_truncations_and_mutations(qemu72: bool, draw: st.DataObject,
 
 
 # ---- real captures ------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def capture_scratch() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="dwcp-stream-") as tmp:
-        yield Path(tmp)
-
-
-@pytest.fixture(scope="session")
-def guest_images() -> GuestImages:
-    return build_guests(build_dir())
-
-
-CAPTURES = [(q, s) for q in ("7.2", "10") for s in SCENARIOS]
-
-
-@pytest.fixture(scope="session")
-def captures(capture_scratch: Path, guest_images: GuestImages
-             ) -> Callable[[str, str], Capture]:
-    made: dict[tuple[str, str], Capture] = {}
-
-    def get(qemu: str, scenario: str) -> Capture:
-        if (qemu, scenario) not in made:
-            spec = CaptureSpec(qemu, scenario)
-            try:
-                made[qemu, scenario] = load_or_capture(spec, guest_images, capture_scratch)
-            except Exception:  # TCG guests are sometimes slow: one retry
-                made[qemu, scenario] = load_or_capture(spec, guest_images, capture_scratch)
-        return made[qemu, scenario]
-    return get
+# (fixtures: tests/conftest.py)
 
 
 def _chunked_parse(data: bytes, parser: Parser, seed: int) -> list[Record]:

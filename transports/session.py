@@ -219,8 +219,10 @@ class Session:
         self.send = SendStream(self.session_id, config.send_window, config.max_payload)
         self.recv = RecvStream(config.recv_window)
         self._conns: dict[int, _Conn] = {}
-        # A window's worth of frames, plus what an application holds on to after reading
-        # (the agent keeps payload views in its pipeline queues: ~20 frames).
+        # A window's worth of full frames, plus what an application holds on to after
+        # reading (the agent keeps payload views in its pipeline queues: ~20 frames). Frames
+        # under half a buffer do not use the pool (BufferPool.take), so what unread frames
+        # hold stays under twice the window whatever frame sizes the peer sends.
         self._pool = BufferPool(config.max_payload,
                                 config.recv_window // config.max_payload + 32)
         self._next_cid = 0

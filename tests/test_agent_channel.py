@@ -19,6 +19,7 @@ from dwcp_migrate.agent.channel import (
     encode,
     encode_joined,
 )
+from dwcp_migrate.agent.datapath import _gathered
 
 messages = st.lists(st.tuples(st.sampled_from(list(MessageType)),
                               st.binary(max_size=3000)), max_size=12)
@@ -86,3 +87,13 @@ def test_misbehaving_peer_is_refused(raw: bytes, match: str) -> None:
     with pytest.raises(ChannelProtocolError, match=match):
         for i in range(len(raw)):
             reader.feed(raw[i:i + 1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=3000), max_size=8), st.integers(1, 4000))
+def test_read_ahead_is_gathered_into_full_messages_in_order(chunks: list[bytes],
+                                                            limit: int) -> None:
+    groups = _gathered(chunks, limit)
+    assert b"".join(b"".join(g) for g in groups) == b"".join(chunks)
+    sizes = [sum(map(len, g)) for g in groups]
+    assert all(s == limit for s in sizes[:-1]) and all(0 < s <= limit for s in sizes)

@@ -146,16 +146,18 @@ async def qemu_to_session(reader: QemuReader, session: Session,
     ``head_eof``: QEMU's stream ended there.
     """
     if encoder is None:
-        for chunk in head:
-            counters.bytes_from_qemu += len(chunk)
-            await send_message(session, counters, MessageType.RAW, chunk)
-        # One message per frame's worth of what QEMU has written by now, header included:
-        # fewer, fuller frames (per-frame work on both agents; see channel.encode_joined).
-        while not head_eof and (parts := await reader.read_parts(RAW_MESSAGE_BYTES)):
+        async def send_raw(parts: list[memoryview]) -> None:
             message = encode_joined(MessageType.RAW, parts)
             counters.bytes_from_qemu += len(message) - HEADER.size
             counters.wire_bytes += len(message)
             await session.send(message)
+
+        for parts in _gathered(head, RAW_MESSAGE_BYTES):
+            await send_raw(parts)
+        # One message per frame's worth of what QEMU has written by now, header included:
+        # fewer, fuller frames (per-frame work on both agents; see channel.encode_joined).
+        while not head_eof and (parts := await reader.read_parts(RAW_MESSAGE_BYTES)):
+            await send_raw(parts)
         await send_message(session, counters, MessageType.EOF)
         return
 
@@ -222,6 +224,27 @@ async def qemu_to_session(reader: QemuReader, session: Session,
         await send_message(session, counters, MessageType.EOF)
 
     await _first_error(read_stage(), encode_stage(), send_stage())
+
+
+def _gathered(chunks: Sequence[bytes | memoryview], limit: int) -> list[list[memoryview]]:
+    """``chunks`` as groups of views of at most ``limit`` bytes each, in order (a chunk
+    longer than ``limit`` is cut)."""
+    groups: list[list[memoryview]] = []
+    group: list[memoryview] = []
+    room = limit
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view:
+            take = view[:room]
+            group.append(take)
+            room -= len(take)
+            view = view[len(take):]
+            if not room:
+                groups.append(group)
+                group, room = [], limit
+    if group:
+        groups.append(group)
+    return groups
 
 
 async def _run(work: Callable[[], Any], executor: Executor | None) -> Any:

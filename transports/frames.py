@@ -46,6 +46,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from dwcp_migrate.transports.errors import (
     BadMagicError,
@@ -107,8 +108,11 @@ class Capability(enum.IntFlag):
 LOCAL_CAPABILITIES = Capability.CRC32 | (Capability.XXH3 if xxh3_64 else Capability.NONE)
 
 
+_XXH3_FLAG: Final = int(Flag.XXH3)  # a plain int: IntFlag's & runs Python code
+
+
 def payload_sum(payload: Bytes, flags: int) -> int:
-    if flags & Flag.XXH3:
+    if flags & _XXH3_FLAG:
         assert xxh3_64 is not None
         return xxh3_64(payload)
     return zlib.crc32(payload)
@@ -416,7 +420,7 @@ class FrameReader:
         return frames
 
     def _sum(self, payload: Bytes, flags: int, ftype: int, seq: int) -> int:
-        if flags & Flag.XXH3 and xxh3_64 is None:
+        if flags & _XXH3_FLAG and xxh3_64 is None:
             raise HandshakeError(f"sent a frame (type {ftype}, seq {seq}) with an XXH3 "
                                  f"checksum, which this agent did not announce", peer=self.peer)
         return payload_sum(payload, flags)

@@ -191,7 +191,8 @@ class SessionStats:
 def _data_flags(peer_capabilities: int) -> int:
     """XXH3 payload sums if both sides can check them (see frames)."""
     both = peer_capabilities & LOCAL_CAPABILITIES
-    return Flag.XXH3 if both & Capability.XXH3 else 0
+    # A plain int: it goes into every DATA header, and IntFlag arithmetic runs Python code.
+    return int(Flag.XXH3) if both & Capability.XXH3 else 0
 
 
 def _ns(now: float) -> int:

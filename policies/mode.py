@@ -337,7 +337,7 @@ _DEFAULTS = {
     # and it shares fairly with the datacenter's other (CUBIC) flows. lz4 only if encoding is
     # forced by configuration. RDMA fabrics live here. One connection to start: the session's
     # sender is one Python thread, so on a fast path more connections add per-frame work and
-    # no bandwidth (veth LAN: 1 connection 0.75x an iperf3 stream, 2 about 0.62x, 4 0.60x;
+    # no bandwidth (veth LAN: 1 connection 0.71-0.75x an iperf3 stream, 2 about 0.6x, 4 0.5x;
     # docs/BENCHMARKS.md); the goodput adaptation steps up where more do pay (for example
     # where one flow is held to one core's receive processing).
     Mode.DATACENTER: ModeDefaults(Mode.DATACENTER, 1, 1, 8, "cubic", "lz4", "passthrough",

@@ -172,6 +172,35 @@ def test_retune_changes_congestion_control_of_live_and_later_connections() -> No
     assert client.stats().congestion_control == "reno"
 
 
+def test_restart_is_not_undone_by_connections_still_retiring() -> None:
+    """What the agent does once the path mode is known: 8 connections -> 1. A goodput sample
+    taken while the surplus ones were still retiring counted them, and the adaptation set the
+    count back to them (a LAN session went 1 -> 5). After a restart to n the count may only
+    step from n (n -> 2n and back: 1, 2, 4, 8 here), never jump to a count that was only
+    passing by (3, 5, 6, 7: connections still retiring or joining)."""
+    targets: list[int] = []
+
+    async def shrink(session: TcpSession) -> None:
+        await asyncio.sleep(0.15)
+        original = session.set_target
+
+        def record(n: int) -> None:
+            targets.append(n)
+            original(n)
+
+        session.set_target = record  # type: ignore[method-assign]
+        for _ in range(6):  # cancelled when the transfer ends
+            session.restart(1, StreamRange(1, 8))
+            await asyncio.sleep(0.25)
+
+    cfg = _config(adapt=StreamRange(1, 8), adapt_interval=0.01,
+                  session=SessionConfig(max_payload=256 * 1024, send_window=32 * MIB,
+                                        recv_window=32 * MIB))
+    _run(_exchange(cfg, _config(), a_to_b=1024 * MIB, b_to_a=MIB, streams=8, during=shrink))
+    assert targets[:1] == [1] and len(targets) >= 3, targets  # it did adapt afterwards
+    assert set(targets) <= {1, 2, 4, 8}, str(targets)
+
+
 def test_plaintext_must_be_asked_for(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ConfigError, match="set plaintext: true"):
         TransportSecurity()

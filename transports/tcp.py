@@ -629,9 +629,15 @@ class TcpSession:
             await asyncio.sleep(interval)
             acked = self.core.stats().bytes_acked
             backlogged = self._backlogged or self.core.send_space() == 0
-            self.history.append(GoodputSample(self.core.open_connection_count(),
-                                              (acked - last) * 8 / interval / 1e6, backlogged))
+            count = self.core.open_connection_count()
+            mbit_s = (acked - last) * 8 / interval / 1e6
             last = acked
+            if count != self.target:
+                # Connections still retiring or joining: this goodput belongs to no count,
+                # and judging it would take the passing count for a chosen one (a restart
+                # to 1 from 8 was undone: "1 -> 5 connections").
+                continue
+            self.history.append(GoodputSample(count, mbit_s, backlogged))
             del self.history[:-64]
             want = next_stream_count(self.history, policy)
             if want != self.target:

@@ -1,5 +1,5 @@
 """LAN migrations through the agents: the path is detected as a datacenter one, so the data
-passes through unencoded over the mode's connections (2, CUBIC) instead of the 8 BBR ones
+passes through unencoded over the mode's connections (1, CUBIC) instead of the 8 BBR ones
 opened on first contact; with ``transport.direct_lane`` on both agents it goes over one
 spliced plain TCP connection instead. The destination's RAM is identical at switchover."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dwcp_migrate.testbed.agents import TestAgent
+from dwcp_migrate.testbed.agents import AGENT_PORT, TestAgent
 from dwcp_migrate.testbed.bed import TestBed
 from dwcp_migrate.testbed.build import BuildProducts
 from dwcp_migrate.testbed.guests import WorkloadSpec
@@ -25,13 +25,15 @@ class Outcome:
     source: dict[str, Any]  # the source agent's migration record
     destination: dict[str, Any]
     source_log: str
+    destination_log: str
 
 
-def _migrate(direct_lane: dict[str, bool]) -> Outcome:
+def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None) -> Outcome:
     setup = GuestSetup("baremetal", 256, WorkloadSpec(working_set_mib=128, dirty_mib_per_s=4))
     with TestBed(("a", "b")) as bed:
         agents = {h: TestAgent(bed, h, link="lan", settings={"transport": {
-            "direct_lane": direct_lane[h]}}) for h in ("a", "b")}
+            "direct_lane": direct_lane[h], "direct_lane_ports": lane_ports}})
+            for h in ("a", "b")}
         for agent in agents.values():
             agent.start()
         result = agent_migration(bed, setup, str(agents["a"].outgoing_socket("b")),
@@ -45,7 +47,7 @@ def _migrate(direct_lane: dict[str, bool]) -> Outcome:
             assert time.monotonic() < deadline, status
             time.sleep(0.1)
         outcome = Outcome(status["recent"][-1], agents["b"].client().call("status")["recent"][-1],
-                          agents["a"].log_tail(20000))
+                          agents["a"].log_tail(20000), agents["b"].log_tail(20000))
     assert outcome.source["result"] == "completed", outcome.source
     assert outcome.destination["result"] == "completed", outcome.destination
     assert outcome.source["mode"] == "passthrough", outcome.source
@@ -63,7 +65,10 @@ def test_lan_migration_passes_through_on_the_datacenter_settings(
     assert transport["connections_opened"] == 8, transport  # first contact: the most
     # then the mode's count; goodput adaptation may probe upwards from there
     assert "datacenter path: 1 connection, adapting within 1..8, cubic" in outcome.source_log
-    assert 1 <= transport["connections_at_end"] <= 8, transport
+    # connections of first contact still handshaking when the agent lowered the count to 1
+    # are retired once open (they used to carry data on: 5 to 8 at the end in 5 of 6 runs);
+    # a migration this short ends before the adaptation (2 s samples) could step past 2
+    assert 1 <= transport["connections_at_end"] <= 2, transport
 
 
 @pytest.mark.parametrize("destination_allows", [True, False])
@@ -77,3 +82,13 @@ def test_direct_lane(products: BuildProducts, leak_check: None,
     else:
         assert "congestion_control" in outcome.source["transport"]["0"], outcome.source
         assert "offers no direct lane" in outcome.source_log
+
+
+def test_direct_lane_with_no_free_port_falls_back_to_the_session(
+        products: BuildProducts, leak_check: None) -> None:
+    """The destination's only lane port is taken (by its own agent's listener): the session
+    carries the channel, and the destination says why."""
+    outcome = _migrate({"a": True, "b": True}, lane_ports=str(AGENT_PORT))
+    assert "congestion_control" in outcome.source["transport"]["0"], outcome.source
+    assert "no direct lane (every port of transport.direct_lane_ports" in \
+        outcome.destination_log

@@ -172,12 +172,11 @@ def test_retune_changes_congestion_control_of_live_and_later_connections() -> No
     assert client.stats().congestion_control == "reno"
 
 
-def test_restart_is_not_undone_by_connections_still_retiring() -> None:
-    """What the agent does once the path mode is known: 8 connections -> 1. A goodput sample
-    taken while the surplus ones were still retiring counted them, and the adaptation set the
-    count back to them (a LAN session went 1 -> 5). After a restart to n the count may only
-    step from n (n -> 2n and back: 1, 2, 4, 8 here), never jump to a count that was only
-    passing by (3, 5, 6, 7: connections still retiring or joining)."""
+def test_adaptation_judges_only_settled_counts() -> None:
+    """A goodput sample taken while connections were still joining counted only those open
+    so far, and the adaptation took that passing count for a chosen one (targets such as 3,
+    5, 6, 7 on the way from 4 to 8). Restarted to 1 again and again mid-transfer, the count
+    may only step by doubling (1, 2, 4, 8) and back."""
     targets: list[int] = []
 
     async def shrink(session: TcpSession) -> None:
@@ -197,7 +196,7 @@ def test_restart_is_not_undone_by_connections_still_retiring() -> None:
                   session=SessionConfig(max_payload=256 * 1024, send_window=32 * MIB,
                                         recv_window=32 * MIB))
     _run(_exchange(cfg, _config(), a_to_b=1024 * MIB, b_to_a=MIB, streams=8, during=shrink))
-    assert targets[:1] == [1] and len(targets) >= 3, targets  # it did adapt afterwards
+    assert targets[:1] == [1] and 2 in targets, targets  # the adaptation did act afterwards
     assert set(targets) <= {1, 2, 4, 8}, str(targets)
 
 

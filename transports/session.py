@@ -357,9 +357,13 @@ class Session:
         """Connections not yet dropped (handshaking or open)."""
         return [c.cid for c in self._live_conns()]
 
+    def open_connection_ids(self) -> list[int]:
+        """Connections carrying data: open, and not being retired."""
+        return [c.cid for c in self._conns.values() if c.state is ConnState.OPEN
+                and not c.retire_wanted]
+
     def open_connection_count(self) -> int:
-        return sum(1 for c in self._conns.values() if c.state is ConnState.OPEN
-                   and not c.retire_wanted)
+        return len(self.open_connection_ids())
 
     def retire_connection(self, cid: int) -> None:
         """Initiator: stop using ``cid`` (fewer streams); it closes once both sides RETIRE."""

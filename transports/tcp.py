@@ -373,12 +373,20 @@ class TcpSession:
     def set_target(self, n: int) -> None:
         """Initiator: use ``n`` connections (opens new ones or retires surplus ones)."""
         self.target = max(1, n)
-        live = [cid for cid in self.core.connection_ids() if cid in self._conns]
-        surplus = self.core.open_connection_count() - self.target
-        for cid in sorted(live, reverse=True)[:max(0, surplus)]:
-            self.core.retire_connection(cid)
+        self._retire_surplus()
         self._start_reconnect()
         self._pump()
+
+    def _retire_surplus(self) -> None:
+        """Retire open connections beyond the target, the newest first. Also called when a
+        connection finishes its handshake: one still handshaking when the target was lowered
+        (the agent's 8 -> 1 on a LAN comes while first contact's 8 are being opened) would
+        otherwise carry data on beyond the target for good."""
+        if self.core.role is not Role.INITIATOR:
+            return
+        open_ids = self.core.open_connection_ids()
+        for cid in sorted(open_ids, reverse=True)[:max(0, len(open_ids) - self.target)]:
+            self.core.retire_connection(cid)
 
     # ---- the pump -----------------------------------------------------------------------
     def _pump(self) -> None:
@@ -448,6 +456,7 @@ class TcpSession:
             self._opened.add(ev.cid)
             self._failures = 0
             self._refusals = 0
+            self._retire_surplus()
         elif isinstance(ev, Established):
             self._established.set()
             self._lost_since = None
@@ -633,9 +642,8 @@ class TcpSession:
             mbit_s = (acked - last) * 8 / interval / 1e6
             last = acked
             if count != self.target:
-                # Connections still retiring or joining: this goodput belongs to no count,
-                # and judging it would take the passing count for a chosen one (a restart
-                # to 1 from 8 was undone: "1 -> 5 connections").
+                # Connections still joining: this goodput belongs to no count, and judging
+                # it would take the passing count for a chosen one.
                 continue
             self.history.append(GoodputSample(count, mbit_s, backlogged))
             del self.history[:-64]

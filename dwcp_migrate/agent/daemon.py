@@ -495,7 +495,7 @@ class Agent:
                     listener = LaneListener(self.config.listen_host,
                                             self.config.transport.direct_lane_ports)
                     accept["lane"] = {"port": listener.port, "token": listener.token.hex()}
-                except LaneError as exc:  # the session carries it instead
+                except (LaneError, OSError) as exc:  # the session carries it instead
                     log.warning("migration %s channel %d: no direct lane (%s); passthrough "
                                 "through the session", request.get("migration"), index, exc)
             for part in encode_json(MessageType.ACCEPT, accept):

@@ -329,8 +329,21 @@ class ModeDefaults:
     compression: str  # pagecodec Compression.parse syntax, when encoding
     data_path: Literal["passthrough", "encode"]
     rdma: bool  # try RDMA where both agents have a device
+    # What a migration's session may hold between the two QEMUs, in bytes: the destination's
+    # receive window (asked for in OPEN) and the cap of the source's send window, which
+    # otherwise follows the delivery rate (transports/flow.py: DeliveryWindow). All of it
+    # drains after the source guest has stopped, and QEMU times its switchover by how fast
+    # the source agent takes the stream, not by how fast it arrives. On the test bed's LAN the
+    # consumer (the destination agent on a busy core) is the slow side and the window fills:
+    # 64 MiB added up to 0.5 s to the downtime measured end to end; 8 MiB cost about 15 % of
+    # a veth session's goodput (32 against 38 Gbit/s) and drains in about 20 ms at the
+    # 400 MB/s the LAN relay moves here. Long paths need room for the bandwidth-delay product
+    # and resends (1 Gbit/s at 50 ms is 6.25 MB); there the rate-following send window is
+    # what keeps the backlog down.
+    relay_window: int
 
 
+_MIB = 1 << 20
 _DEFAULTS = {
     # Sub-10 ms, multi-Gbit/s: the link outruns Python encoding (2-3 ms per MiB), so bytes
     # pass through untouched. CUBIC: nothing to gain from BBR's probing on a short clean path,
@@ -341,14 +354,15 @@ _DEFAULTS = {
     # docs/BENCHMARKS.md); the goodput adaptation steps up where more do pay (for example
     # where one flow is held to one core's receive processing).
     Mode.DATACENTER: ModeDefaults(Mode.DATACENTER, 1, 1, 8, "cubic", "lz4", "passthrough",
-                                  True),
+                                  True, 8 * _MIB),
     # Fast but long (or fast-ish and short): encode, but cheaply. Zero pages, dedup and deltas
     # are most of the win and cost little; lz4 keeps the compressor off the critical path.
-    Mode.HYBRID: ModeDefaults(Mode.HYBRID, 4, 2, 16, "bbr", "lz4", "encode", False),
+    Mode.HYBRID: ModeDefaults(Mode.HYBRID, 4, 2, 16, "bbr", "lz4", "encode", False, 32 * _MIB),
     # Long or slow: every byte saved pays. zstd level 1: on the captured workload level 3
     # gave the same ratio (1.73x) at half the speed (DESIGN: 420 vs 210 MB/s per core). BBR
     # with 8 streams held 923 Mbit/s at 0.1 % loss on the test bed, where CUBIC collapses.
-    Mode.INTERNET: ModeDefaults(Mode.INTERNET, 8, 2, 16, "bbr", "zstd:1", "encode", False),
+    Mode.INTERNET: ModeDefaults(Mode.INTERNET, 8, 2, 16, "bbr", "zstd:1", "encode", False,
+                                64 * _MIB),
 }
 
 

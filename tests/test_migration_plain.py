@@ -21,7 +21,14 @@ def test_lan_migration_is_identical(products: BuildProducts, leak_check: None) -
     setup = GuestSetup("baremetal", 512, WorkloadSpec(working_set_mib=256, dirty_mib_per_s=8))
     with TestBed(("a", "b")) as bed:
         result = plain_migration(bed, setup, link="lan")
-    assert result.outcome.status == "completed"
+    o = result.outcome
+    assert o.status == "completed"
+    # Timed end to end from QMP events: the destination loads the stream after the source
+    # started sending it and after the source guest stopped (both QEMUs share one clock).
+    assert o.end_to_end_ms is not None and o.switchover_ms is not None
+    assert o.total_time_ms is not None and o.downtime_ms is not None
+    assert 0 < o.switchover_ms < o.end_to_end_ms
+    assert o.end_to_end_ms >= o.total_time_ms - 50  # 50 ms: QEMU starts its clock later
     assert result.ram_identical, result.ram_detail
     assert result.guest_verified, result.verify_detail
 

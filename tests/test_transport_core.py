@@ -33,7 +33,7 @@ from dwcp_migrate.transports.errors import (
     UnknownSessionError,
     VersionMismatchError,
 )
-from dwcp_migrate.transports.flow import RecvStream, SendStream
+from dwcp_migrate.transports.flow import DeliveryWindow, RecvStream, SendStream
 from dwcp_migrate.transports.frames import (
     HEADER_SIZE,
     AckInfo,
@@ -645,3 +645,41 @@ def test_fin_is_acknowledged_and_both_sides_close() -> None:
         ini.receive_data(cid, b"".join(acc.pull(cid, t, 1 << 20)), t)
     assert ini.state is SessionState.CLOSED and acc.state is SessionState.CLOSED
     assert ini.stats().bytes_acked == 5
+
+
+# ---- windows that bound a relay's backlog ------------------------------------------------------
+def test_delivery_window_follows_rate_times_rtt_within_floor_and_cap() -> None:
+    mib = 1 << 20
+    wan = DeliveryWindow(4 * mib, 64 * mib)
+    assert wan.on_ack(0, 0.0, 0.05) is None  # the first ACK only marks the start
+    assert wan.on_ack(1_000_000, 0.01, 0.05) is None  # shorter than an RTT: no sample
+    # 50 MB/s for 0.1 s at 50 ms: 2 x 50e6 x 0.05 = 5 MB
+    assert wan.on_ack(5_000_000, 0.1, 0.05) == 5_000_000
+    assert wan.on_ack(5_000_000 + 20_000_000, 0.2, 0.05) == 20_000_000  # 200 MB/s
+    # the application pauses: the best rate of the last second keeps the window...
+    assert wan.on_ack(25_000_000, 0.5, 0.05) == 20_000_000
+    assert wan.on_ack(25_000_000, 1.1, 0.05) == 20_000_000
+    # ...until it is older than a second; then the floor
+    assert wan.on_ack(25_000_000, 1.3, 0.05) == 4 * mib
+    # a rate beyond what the cap allows stops at the cap
+    assert wan.on_ack(25_000_000 + 10**9, 2.3, 0.05) == 64 * mib
+    lan = DeliveryWindow(4 * mib, 8 * mib)
+    lan.on_ack(0, 0.0, 0.0002)
+    assert lan.on_ack(400_000_000, 1.0, 0.0002) == 4 * mib  # 400 MB/s x 0.2 ms: the floor
+    with pytest.raises(ValueError):
+        DeliveryWindow(8 * mib, 4 * mib)
+
+
+def test_lowered_windows_hold_back_writes_and_credit_never_goes_back() -> None:
+    ini, acc, cid = _open_pair()
+    assert ini.set_send_window(10**12) == ini.config.send_window  # at most the configured
+    assert ini.set_send_window(1) == ini.config.max_payload  # at least one frame
+    taken = ini.write(b"x" * (3 * ini.config.max_payload), 0.0)
+    assert taken == ini.config.max_payload and ini.send_space() == 0
+    assert ini.write(b"y", 0.0) == 0  # waits for an ACK
+    limit = acc.recv.limit
+    assert acc.set_recv_window(2 * acc.config.max_payload) == 2 * acc.config.max_payload
+    acc.recv.consumed += 1  # as if one byte was read
+    assert acc.recv.ack_info().limit == limit  # an announced limit is never taken back
+    acc.recv.consumed += limit
+    assert acc.recv.ack_info().limit == acc.recv.consumed + 2 * acc.config.max_payload

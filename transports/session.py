@@ -47,7 +47,7 @@ from dwcp_migrate.transports.errors import (
     TransportError,
     VersionMismatchError,
 )
-from dwcp_migrate.transports.flow import RecvStream, SendStream
+from dwcp_migrate.transports.flow import DeliveryWindow, RecvStream, SendStream
 from dwcp_migrate.transports.frames import (
     LOCAL_CAPABILITIES,
     MAX_PAYLOAD_LIMIT,
@@ -236,6 +236,7 @@ class Session:
         self._orphan_since: float | None = None if role is Role.INITIATOR else now
         self._srtt: float | None = None
         self._min_rtt: float | None = None
+        self._window_tuner: DeliveryWindow | None = None
         self.connections_opened = 0
         self.connections_lost = 0
         self.corrupt_frames = 0
@@ -441,6 +442,10 @@ class Session:
             self._require_open(conn, "ACK", peer)
             info = AckInfo.decode(frame.payload, peer)
             self.send.on_ack(info, bool(frame.flags & Flag.FIN_ACK), peer)
+            if self._window_tuner is not None:
+                window = self._window_tuner.on_ack(self.send.acked, now, self._min_rtt)
+                if window is not None:
+                    self.send.window = window
             self._check_done(now)
         elif ftype == FrameType.PING:
             self._require_open(conn, "PING", peer)
@@ -621,6 +626,35 @@ class Session:
 
     def send_space(self) -> int:
         return self.send.space() if self.state is SessionState.OPEN else 0
+
+    def set_send_window(self, window: int, *, adaptive_floor: int | None = None) -> int:
+        """Change the send window (bytes written and not yet acknowledged, sent or not);
+        returns the window now in force, within one frame .. the configured ``send_window``.
+
+        With ``adaptive_floor`` the window then follows the path (:class:`DeliveryWindow`:
+        twice the recent delivery rate x the lowest RTT), between that floor and ``window``.
+        With :meth:`set_recv_window` on the peer it bounds what a relay holds between the two
+        applications (see there). Lowering it below what is unacknowledged only makes
+        :meth:`write` wait for ACKs; nothing already taken is dropped.
+        """
+        window = max(self.config.max_payload, min(window, self.config.send_window))
+        self.send.window = window
+        self._window_tuner = None if adaptive_floor is None else DeliveryWindow(
+            max(self.config.max_payload, min(adaptive_floor, window)), window)
+        return window
+
+    def set_recv_window(self, window: int) -> int:
+        """Change the receive window (bytes the peer may send beyond what was read); returns
+        the window now in force, within one frame .. the configured ``recv_window``.
+
+        It bounds what sits between the peer's application and this one's: a relay with a
+        slow consumer holds a window's worth, and draining it adds to the guest's downtime.
+        Lowering takes effect as the application reads (limits already announced stand: the
+        announced limit never goes back); raising at the next ACK.
+        """
+        window = max(self.config.max_payload, min(window, self.config.recv_window))
+        self.recv.window = window
+        return window
 
     def read(self, max_bytes: int | None = None) -> Bytes | None:
         """Next in-order bytes; None if none yet, ``b""`` at the end of the peer's stream.

@@ -370,6 +370,16 @@ class TcpSession:
                 self.congestion_control = apply_after_connect(conn.sock, tcp,
                                                               streams=max(1, self.target))
 
+    def set_send_window(self, window: int, *, adaptive_floor: int | None = None) -> int:
+        """See :meth:`Session.set_send_window` (the core)."""
+        window = self.core.set_send_window(window, adaptive_floor=adaptive_floor)
+        self._pump()
+        return window
+
+    def set_recv_window(self, window: int) -> int:
+        """See :meth:`Session.set_recv_window` (the core)."""
+        return self.core.set_recv_window(window)
+
     def set_target(self, n: int) -> None:
         """Initiator: use ``n`` connections (opens new ones or retires surplus ones)."""
         self.target = max(1, n)

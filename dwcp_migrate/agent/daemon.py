@@ -23,6 +23,7 @@ from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, en
 from dwcp_migrate.agent.codecs import guest_ram_bytes, make_decoder, make_encoder
 from dwcp_migrate.agent.config import AUTO, AgentConfig, PeerConfig
 from dwcp_migrate.agent.datapath import (
+    DELIVERY_PIPELINE_DEPTH,
     MessageStream,
     qemu_to_session,
     run_pumps,
@@ -82,6 +83,11 @@ class IncomingMigration:
 
     def event(self, index: int) -> asyncio.Event:
         return self.connected.setdefault(index, asyncio.Event())
+
+
+# The least the source's send window may shrink to when it follows the delivery rate: a LAN's
+# RTT is too short for rate x RTT to be a useful window (policies/mode.py: relay_window).
+RELAY_WINDOW_FLOOR = 4 << 20
 
 
 class Agent:
@@ -303,6 +309,10 @@ class Agent:
             tracker = self._trackers.setdefault(peer.name, ModeTracker(self._mode_policy))
             decision = tracker.add(PathSample(asyncio.get_running_loop().time(), rtt_ms=rtt_ms))
             self._tune_session(session, decision.mode)
+            # Bound what the session holds between the two QEMUs (the peer's receive window
+            # is asked for in OPEN): it drains after the guest has stopped.
+            session.set_send_window(defaults_for(decision.mode).relay_window,
+                                    adaptive_floor=RELAY_WINDOW_FLOOR)
             mode, reason = choose_data_path(self.config.codec.mode, decision)
             if index == 0:
                 mig.record.mode, mig.record.mode_reason = mode, reason
@@ -320,7 +330,8 @@ class Agent:
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,
                 "codec": encoder.describe() if encoder is not None else None,
-                "lane": "direct" if want_lane else None}
+                "lane": "direct" if want_lane else None,
+                "relay_window": defaults_for(decision.mode).relay_window}
             for part in encode_json(MessageType.OPEN, open_msg):
                 counters.wire_bytes += len(part)
                 await session.send(part)
@@ -505,9 +516,13 @@ class Agent:
                 await self._deliver_on_lane(listener, qemu, counters)
                 await session.close()
                 return
+            window = request.get("relay_window")
+            if isinstance(window, int) and window > 0:  # absent: an older source agent
+                session.set_recv_window(window)
             loop = asyncio.get_running_loop()
             down = asyncio.ensure_future(session_to_qemu(
                 messages, qemu, counters, decoder, count_as_return=False,
+                depth=DELIVERY_PIPELINE_DEPTH,
                 run_decoder=(lambda fn: loop.run_in_executor(None, fn))
                 if decoder is not None else None))
             up = asyncio.ensure_future(qemu_to_session(qemu, session, counters, None))

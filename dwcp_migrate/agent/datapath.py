@@ -37,6 +37,10 @@ READ_SIZE = 1024 * 1024  # per read from QEMU: big reads keep per-call overhead 
 IDLE_FLUSH_S = 0.002  # QEMU sent nothing for this long: flush the encoder's partial batch
 RAW_MESSAGE_BYTES = READ_SIZE - HEADER.size  # passthrough: a message fills a default frame
 PIPELINE_DEPTH = 8  # items between two stages: bounds memory (~8 MiB) while keeping overlap
+# Into the destination QEMU: what these queues hold drains after the source guest has stopped
+# (see relay_window in policies/mode.py), and two items per queue are enough to overlap
+# receiving, decoding and writing. 8 + 8 one-MiB RAW messages took about 40 ms on the LAN here.
+DELIVERY_PIPELINE_DEPTH = 2
 
 
 class Session(Protocol):
@@ -254,14 +258,15 @@ async def _run(work: Callable[[], Any], executor: Executor | None) -> Any:
 async def session_to_qemu(messages: MessageStream, writer: QemuWriter,
                           counters: ChannelCounters, decoder: ChunkDecoder | None,
                           *, count_as_return: bool,
-                          run_decoder: Executor | None = None) -> None:
+                          run_decoder: Executor | None = None,
+                          depth: int = PIPELINE_DEPTH) -> None:
     """Messages from the peer into the local QEMU, until the peer's EOF.
 
     Three stages overlap: receive | decode (one batch at a time, in order, in a worker
     thread) | write to QEMU. A batch that fails its check is never written.
     """
-    received: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
-    decoded: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
+    received: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
+    decoded: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
 
     async def receive_stage() -> None:
         while True:

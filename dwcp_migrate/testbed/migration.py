@@ -92,6 +92,14 @@ class MigrationOutcome:
     error: str | None
     ram: RamComparison | None = None
     wall_time_s: float = 0.0
+    # Measured end to end from QMP event timestamps (one clock: both QEMUs run on this
+    # machine). QEMU's own total-time and downtime stop when the source has written its last
+    # byte into the socket; data still buffered on the way (socket buffers, a relay's queues,
+    # the link) is not counted there, but the guest cannot run on the destination before it
+    # has arrived. ``end_to_end_ms``: ``migrate`` issued -> destination has loaded the whole
+    # stream. ``switchover_ms``: source vCPUs stopped -> destination has loaded the stream.
+    end_to_end_ms: int | None = None
+    switchover_ms: int | None = None
 
     @classmethod
     def from_query(cls, info: Mapping[str, Any], wall_time_s: float) -> MigrationOutcome:
@@ -137,7 +145,10 @@ def run_migration(
         params["downtime-limit"] = 1
     if params:
         src.set_migration(parameters=params)
+    src.take_events()
+    dst.take_events()
     started = time.monotonic()
+    started_wall = time.time()
     src.qmp("migrate", uri=uri)
     released = min_iterations <= 1
     deadline = started + timeout_s
@@ -163,7 +174,24 @@ def run_migration(
         raise MigrationError(f"migration of {src.name} ended {outcome.status}: "
                              f"{outcome.error or 'no reason given by QEMU'}")
     wait_incoming_complete(dst, timeout_s=60)
+    loaded = _event_time(dst.take_events(), "MIGRATION", status="completed")
+    stopped = _event_time(src.take_events(), "STOP")
+    if loaded is not None:
+        outcome.end_to_end_ms = round((loaded - started_wall) * 1000)
+        if stopped is not None:
+            outcome.switchover_ms = round((loaded - stopped) * 1000)
     return outcome
+
+
+def _event_time(events: list[dict[str, Any]], name: str, **data: str) -> float | None:
+    """Wall-clock time (s) of the last event ``name`` whose data has these values."""
+    found = None
+    for event in events:
+        if event.get("event") == name and all(
+                event.get("data", {}).get(k) == v for k, v in data.items()):
+            stamp = event["timestamp"]
+            found = stamp["seconds"] + stamp["microseconds"] / 1e6
+    return found
 
 
 def prepare_incoming(dst: GuestVM, uri: str, *, capabilities: Mapping[str, bool] | None = None,
@@ -171,8 +199,9 @@ def prepare_incoming(dst: GuestVM, uri: str, *, capabilities: Mapping[str, bool]
     """Configure a destination started with ``-incoming defer`` and let it listen on ``uri``.
 
     Capabilities such as multifd must be set before the incoming side starts listening.
+    ``events`` is always on: the destination's MIGRATION "completed" event times the end.
     """
-    dst.set_migration(capabilities=capabilities)
+    dst.set_migration(capabilities={**(capabilities or {}), "events": True})
     multifd = {k: v for k, v in (parameters or {}).items() if k.startswith("multifd")}
     if multifd:
         dst.set_migration(parameters=multifd)

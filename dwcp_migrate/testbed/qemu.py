@@ -189,6 +189,13 @@ class GuestVM:
         path.unlink(missing_ok=True)
         self.qmp("pmemsave", val=0, size=self.memory_mib * 1024 * 1024, filename=str(path))
 
+    def take_events(self) -> list[dict[str, Any]]:
+        """QMP events received so far (read while commands ran), oldest first; then cleared."""
+        if self._qmp is None:
+            return []
+        self._qmp.cmd("query-status")  # lets events that arrived since the last command in
+        return self._qmp.get_events(wait=False)
+
     def hmp(self, command_line: str) -> str:
         return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
 

@@ -19,6 +19,8 @@ Bytes on the wire are counted by the WAN emulator (both directions, IP packets),
 row is measured the same way; on the LAN, QEMU's own ram.transferred (plain) and the agents'
 wire bytes (dwcp) are reported. Agent CPU is user+system seconds of both agent processes.
 Every run checks RAM identity at switchover and the guest's verification afterwards.
+Total time and downtime are end to end (QMP events: ``migrate`` -> the destination's
+MIGRATION completed; source STOP -> the same), QEMU's own source-side figures beside them.
 Every run lifts QEMU's default 128 MiB/s throttle (max-bandwidth), as libvirt does. On the
 LAN and the WAN each configuration runs ``--repeats`` times (a fresh bed each round) and the
 run with the median total time is reported: single runs on this 2-core machine spread widely.
@@ -109,7 +111,14 @@ def main() -> int:
             f"in the note), {args.loss_repeats} on wanloss. Plain runs are given "
             f"{args.plain_timeout:.0f} s. Bytes on the wire: counted by the WAN emulator "
             "(IP packets, both directions); on the LAN, QEMU's ram.transferred (plain) and "
-            "the agents' message bytes (dwcp). Agent CPU: user+system seconds of both agents."
+            "the agents' message bytes (dwcp). Agent CPU: user+system seconds of both agents. "
+            "Total time and downtime are end to end, from QMP event timestamps (both QEMUs "
+            "on this machine's clock): total time from `migrate` to the destination's "
+            "MIGRATION completed event (it has loaded the whole stream), downtime from the "
+            "source's STOP event to that same moment. QEMU's own figures (source "
+            "query-migrate) stop when the source has written its last byte, before what is "
+            "still on the way (socket buffers, the agents' queues, the link) has arrived; "
+            "they are shown beside."
             f"\n\n{table}\n\n{summary}\n")
         write_doc(section)
     return 0

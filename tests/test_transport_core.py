@@ -671,7 +671,7 @@ def test_delivery_window_follows_rate_times_rtt_within_floor_and_cap() -> None:
 
 
 def test_lowered_windows_hold_back_writes_and_credit_never_goes_back() -> None:
-    ini, acc, cid = _open_pair()
+    ini, acc, _cid = _open_pair()
     assert ini.set_send_window(10**12) == ini.config.send_window  # at most the configured
     assert ini.set_send_window(1) == ini.config.max_payload  # at least one frame
     taken = ini.write(b"x" * (3 * ini.config.max_payload), 0.0)

@@ -41,7 +41,7 @@ def test_demo_migrates_and_verifies(leak_check: None) -> None:
             rows[cells[1]] = cells
     assert set(rows) == {"plain QEMU direct", "dwcp"}, res.stdout
     for cells in rows.values():
-        assert cells[2] == "completed" and cells[8] == "yes" and cells[9] == "yes", cells
+        assert cells[2] == "completed" and cells[9] == "yes" and cells[10] == "yes", cells
     assert "data path: encode" in rows["dwcp"][10]
     assert "against plain QEMU direct" in res.stdout
 

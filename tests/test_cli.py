@@ -42,7 +42,7 @@ def test_demo_migrates_and_verifies(leak_check: None) -> None:
     assert set(rows) == {"plain QEMU direct", "dwcp"}, res.stdout
     for cells in rows.values():
         assert cells[2] == "completed" and cells[9] == "yes" and cells[10] == "yes", cells
-    assert "data path: encode" in rows["dwcp"][10]
+    assert "data path: encode" in rows["dwcp"][11]
     assert "against plain QEMU direct" in res.stdout
 
 

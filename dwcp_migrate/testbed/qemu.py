@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 from dwcp_migrate.errors import GuestError, TestbedError
 from dwcp_migrate.paths import qemu72_root
@@ -125,8 +126,22 @@ class GuestVM:
                 raise GuestError(f"QEMU for {self.name} did not open its QMP socket in "
                                  f"{timeout} s: {self.stderr_text()}")
             time.sleep(0.02)
-        qmp = QEMUMonitorProtocol(str(self.qmp_path))
-        qmp.connect(negotiate=True)
+        # QEMU creates the socket file when it binds and accepts once it listens: a connect in
+        # between is refused (seen in CI), so that one error is retried until the deadline.
+        while True:
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            try:
+                qmp.connect(negotiate=True)
+                break
+            except ConnectError as exc:
+                with contextlib.suppress(Exception):
+                    qmp.close()
+                refused = isinstance(exc.exc, ConnectionRefusedError)
+                if not refused or self.process.poll() is not None or \
+                        time.monotonic() > deadline:
+                    raise GuestError(f"cannot connect to the QMP socket of {self.name}'s QEMU: "
+                                     f"{exc}; {self.stderr_text()}") from exc
+                time.sleep(0.02)
         qmp.settimeout(60)
         self._qmp = qmp
 

@@ -151,6 +151,9 @@ def test_connection_reset_is_survived(run: Run) -> None:
 def test_plain_completion_is_identical(run: Run) -> None:
     info = migrate_with(run, None)
     assert_completed_identically(run, info)
+    # The encoded path reads from QEMU against the destination's delivery credit.
+    transport = _wait_recent(run.agents["a"])["transport"]["0"]
+    assert transport["credit_window"] >= 32 << 20, transport
 
 
 def _reset_one_connection(r: Run) -> None:

@@ -779,6 +779,11 @@ class Session:
         conn = self._conns.get(cid)
         return conn.rtt if conn else None
 
+    @property
+    def min_rtt(self) -> float | None:
+        """The lowest round trip (seconds) of the session's frames so far."""
+        return self._min_rtt
+
     def stats(self) -> SessionStats:
         send, recv = self.send, self.recv
         return SessionStats(

@@ -14,6 +14,8 @@ both directions; this protocol only adds message boundaries and meaning:
     BATCH   source -> destination: one encoded batch of the page codec
     EOF     either way: QEMU closed its side of the connection
     ABORT   either way, UTF-8 reason: the migration failed; close everything
+    CREDIT  destination -> source, be64: bytes of QEMU stream written into the destination
+            QEMU so far (only when OPEN asked for it and ACCEPT agreed; see agent/credit.py)
 
 A message longer than ``MAX_MESSAGE`` or of an unknown type is a protocol error: the peer is
 misbehaving, and the channel is torn down with an error that says so.
@@ -46,6 +48,7 @@ class MessageType(enum.IntEnum):
     BATCH = 5
     EOF = 6
     ABORT = 7
+    CREDIT = 8
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,18 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from dwcp_migrate.agent.admin import AdminServer
 from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, encode_json
 from dwcp_migrate.agent.codecs import guest_ram_bytes, make_decoder, make_encoder
 from dwcp_migrate.agent.config import AUTO, AgentConfig, PeerConfig
+from dwcp_migrate.agent.credit import DeliveryCredit, encode_credit
 from dwcp_migrate.agent.datapath import (
     DELIVERY_PIPELINE_DEPTH,
     MessageStream,
+    SerializedSender,
     qemu_to_session,
     run_pumps,
     session_to_qemu,
@@ -331,7 +334,8 @@ class Agent:
                 "source": self.config.name, "target": peer.name, "mode": mode,
                 "codec": encoder.describe() if encoder is not None else None,
                 "lane": "direct" if want_lane else None,
-                "relay_window": defaults_for(decision.mode).relay_window}
+                "relay_window": defaults_for(decision.mode).relay_window,
+                "delivery_credit": encoder is not None}
             for part in encode_json(MessageType.OPEN, open_msg):
                 counters.wire_bytes += len(part)
                 await session.send(part)
@@ -358,17 +362,25 @@ class Agent:
                 mig.record.transport[str(index)] = {"lane": "direct"}
                 await session.close()
                 return
+            credit = None
+            if encoder is not None and reply.json().get("delivery_credit") is True:
+                credit = DeliveryCredit(peer.name, min_rtt=lambda: session.core.min_rtt)
+            on_credit = None if credit is None else partial(
+                _take_credit, credit, counters, loop)
             up = asyncio.ensure_future(qemu_to_session(
                 qemu, session, counters, encoder,
                 (lambda fn: loop.run_in_executor(None, fn)) if encoder is not None else None,
-                head=head, head_eof=head_eof))
+                head=head, head_eof=head_eof, credit=credit))
             down = asyncio.ensure_future(session_to_qemu(messages, qemu, counters, None,
-                                                         count_as_return=True))
+                                                         count_as_return=True,
+                                                         on_credit=on_credit))
             await run_pumps(up, down, session, peer.name)
             connections = session.n_connections
             await session.close()
             mig.record.transport[str(index)] = {**_transport_stats(session),
                                                 "connections_at_end": connections}
+            if credit is not None:
+                mig.record.transport[str(index)].update(credit.stats())
             if encoder is not None:
                 mig.record.codec[str(index)] = encoder.stats()
                 if index == 0:
@@ -499,7 +511,10 @@ class Agent:
                     await mig.event(index - 1).wait()
             qemu = await _connect_qemu(self.config.outgoing_socket(self.config.name))
             mig.event(index).set()
-            accept: dict[str, Any] = {"channel": index}
+            # Delivery credit (agent/credit.py) is for encoded data only: passthrough bytes
+            # are bounded by the session's windows as they are.
+            credit = request.get("delivery_credit") is True and decoder is not None
+            accept: dict[str, Any] = {"channel": index, "delivery_credit": credit}
             if (request.get("lane") == "direct" and request["mode"] == "passthrough"
                     and self.config.transport.direct_lane):
                 try:
@@ -520,12 +535,16 @@ class Agent:
             if isinstance(window, int) and window > 0:  # absent: an older source agent
                 session.set_recv_window(window)
             loop = asyncio.get_running_loop()
+            # The return path and the CREDIT reports share the session's sending side.
+            sender = SerializedSender(session)
             down = asyncio.ensure_future(session_to_qemu(
                 messages, qemu, counters, decoder, count_as_return=False,
                 depth=DELIVERY_PIPELINE_DEPTH,
                 run_decoder=(lambda fn: loop.run_in_executor(None, fn))
-                if decoder is not None else None))
-            up = asyncio.ensure_future(qemu_to_session(qemu, session, counters, None))
+                if decoder is not None else None,
+                report_delivered=partial(_report_credit, sender, counters) if credit
+                else None))
+            up = asyncio.ensure_future(qemu_to_session(qemu, sender, counters, None))
             await run_pumps(down, up, session, messages.peer)
             await session.close()
             mig.record.transport[str(index)] = _transport_stats(session)
@@ -570,6 +589,18 @@ def _transport_stats(session: TcpSession) -> dict[str, Any]:
             "corrupt_frames": stats.corrupt_frames, "tcp_retransmits": stats.tcp_retransmits,
             "goodput_mbit_s": round(stats.goodput_mbit_s, 1),
             "srtt_ms": stats.srtt_ms, "congestion_control": stats.congestion_control}
+
+
+def _take_credit(credit: DeliveryCredit, counters: ChannelCounters,
+                 loop: asyncio.AbstractEventLoop, delivered: int) -> None:
+    credit.on_credit(delivered, sent=counters.bytes_from_qemu, now=loop.time())
+
+
+async def _report_credit(sender: SerializedSender, counters: ChannelCounters,
+                         delivered: int) -> None:
+    message = b"".join(encode(MessageType.CREDIT, encode_credit(delivered)))
+    counters.wire_bytes += len(message)
+    await sender.send(message)
 
 
 def _refuse(reason: str) -> list[bytes]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from dwcp_migrate.agent.channel import (
     encode,
     encode_joined,
 )
+from dwcp_migrate.agent.credit import CREDIT_STEP, DeliveryCredit, decode_credit
 from dwcp_migrate.agent.records import ChannelCounters
 from dwcp_migrate.errors import MigrationError
 
@@ -43,10 +44,15 @@ PIPELINE_DEPTH = 8  # items between two stages: bounds memory (~8 MiB) while kee
 DELIVERY_PIPELINE_DEPTH = 2
 
 
-class Session(Protocol):
-    """What the data path needs of a transport session (TcpSession has it)."""
+class Sender(Protocol):
+    """The sending side of a session (TcpSession, or a SerializedSender over one)."""
 
     async def send(self, data: bytes) -> None: ...
+
+
+class Session(Sender, Protocol):
+    """What the data path needs of a transport session (TcpSession has it)."""
+
     async def recv(self, max_bytes: int | None = None) -> bytes: ...
     async def recv_view(self, max_bytes: int | None = None) -> bytes | bytearray | memoryview: ...
     async def close(self) -> None: ...
@@ -110,7 +116,21 @@ class MessageStream:
         return self.queue.pop(0)
 
 
-async def send_message(session: Session, counters: ChannelCounters, kind: MessageType,
+class SerializedSender:
+    """One session's sending side shared by two tasks (the destination's return path and its
+    CREDIT reports): each ``send`` goes out whole before the next starts, so two messages
+    never interleave. Callers must send each message in one call."""
+
+    def __init__(self, session: Sender) -> None:
+        self.session = session
+        self._lock = asyncio.Lock()
+
+    async def send(self, data: bytes) -> None:
+        async with self._lock:
+            await self.session.send(data)
+
+
+async def send_message(session: Sender, counters: ChannelCounters, kind: MessageType,
                        payload: bytes | memoryview = b"") -> None:
     for part in encode(kind, payload):
         counters.wire_bytes += len(part)
@@ -132,11 +152,12 @@ async def _first_error(*coros: Coroutine[Any, Any, None]) -> None:
         raise group_error.exceptions[0] from None
 
 
-async def qemu_to_session(reader: QemuReader, session: Session,
+async def qemu_to_session(reader: QemuReader, session: Sender,
                           counters: ChannelCounters, encoder: ChunkEncoder | None,
                           run_encoder: Executor | None = None, *,
                           head: Sequence[bytes | memoryview] = (),
-                          head_eof: bool = False) -> None:
+                          head_eof: bool = False,
+                          credit: DeliveryCredit | None = None) -> None:
     """Source side upstream. Ends with an EOF message when QEMU closes its stream.
 
     With an encoder, three stages overlap (read from QEMU | encode in a worker thread | send),
@@ -147,7 +168,8 @@ async def qemu_to_session(reader: QemuReader, session: Session,
     sit in a half-full batch forever.
 
     ``head``: what was read from QEMU before (see qemuio.ReadAhead), carried first;
-    ``head_eof``: QEMU's stream ended there.
+    ``head_eof``: QEMU's stream ended there. ``credit`` (with an encoder only): read from
+    QEMU only while less than its window ahead of what the destination reported delivered.
     """
     if encoder is None:
         async def send_raw(parts: list[memoryview]) -> None:
@@ -176,6 +198,11 @@ async def qemu_to_session(reader: QemuReader, session: Session,
             await chunks.put(_END)
             return
         while True:
+            if credit is not None and credit.room(counters.bytes_from_qemu) <= 0:
+                # What the encoder holds back for a fuller batch is what the destination
+                # waits for before it can report more: send it now.
+                await chunks.put(None)
+                await credit.wait_for_room(counters.bytes_from_qemu)
             try:
                 # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that
                 # races with the read completing, and a cancelled pipeline would then hang.
@@ -259,11 +286,19 @@ async def session_to_qemu(messages: MessageStream, writer: QemuWriter,
                           counters: ChannelCounters, decoder: ChunkDecoder | None,
                           *, count_as_return: bool,
                           run_decoder: Executor | None = None,
-                          depth: int = PIPELINE_DEPTH) -> None:
+                          depth: int = PIPELINE_DEPTH,
+                          on_credit: Callable[[int], None] | None = None,
+                          report_delivered: Callable[[int], Awaitable[None]] | None = None
+                          ) -> None:
     """Messages from the peer into the local QEMU, until the peer's EOF.
 
     Three stages overlap: receive | decode (one batch at a time, in order, in a worker
     thread) | write to QEMU. A batch that fails its check is never written.
+
+    Delivery credit (agent/credit.py): on the source, ``on_credit`` takes each CREDIT the
+    destination sends (without it a CREDIT is a protocol error); on the destination,
+    ``report_delivered`` is given the bytes written into QEMU so far, at least every
+    ``CREDIT_STEP`` bytes and whenever nothing more is ready to write.
     """
     received: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
     decoded: asyncio.Queue[Any] = asyncio.Queue(maxsize=depth)
@@ -275,6 +310,9 @@ async def session_to_qemu(messages: MessageStream, writer: QemuWriter,
                 raise MigrationError(f"agent {messages.peer} closed the channel without EOF")
             if msg.type is MessageType.ABORT:
                 raise RemoteAbortError(f"agent {messages.peer} aborted: {msg.text()}")
+            if msg.type is MessageType.CREDIT and on_credit is not None:
+                on_credit(decode_credit(msg.payload))
+                continue
             if msg.type is MessageType.BATCH and decoder is None:
                 raise ChannelProtocolError(f"agent {messages.peer} sent an encoded batch on a "
                                            "channel opened for passthrough")
@@ -299,6 +337,7 @@ async def session_to_qemu(messages: MessageStream, writer: QemuWriter,
                 return
 
     async def write_stage() -> None:
+        reported = 0
         while (data := await decoded.get()) is not _END:
             if count_as_return:
                 counters.return_bytes += len(data)
@@ -306,6 +345,13 @@ async def session_to_qemu(messages: MessageStream, writer: QemuWriter,
                 counters.bytes_to_qemu += len(data)
             writer.write(data)
             await writer.drain()
+            delivered = counters.bytes_to_qemu
+            if report_delivered is not None and delivered > reported and (
+                    delivered - reported >= CREDIT_STEP or decoded.empty()):
+                reported = delivered
+                await report_delivered(delivered)
+        if report_delivered is not None and counters.bytes_to_qemu > reported:
+            await report_delivered(counters.bytes_to_qemu)
         with contextlib.suppress(OSError):
             if writer.can_write_eof():
                 writer.write_eof()

@@ -310,6 +310,8 @@ class DeliveryWindow:
     far: on the test bed's LAN it sits at its floor; on the emulated WAN the agents are slower
     than the link, under 1 MB was unacknowledged at switchover with or without it, and the
     end-to-end downtime there (170 to 950 ms) did not change measurably (docs/BENCHMARKS.md).
+    That backlog was in QEMU stream bytes, which encoded windows do not bound: the agents'
+    delivery credit (agent/credit.py) does, with this class sizing its window too.
     """
 
     def __init__(self, floor: int, cap: int, *, gain: float = 2.0, memory_s: float = 1.0,

@@ -13,8 +13,10 @@ guest (1 GiB RAM, 512 MiB working set dirtying 8 MiB/s) is migrated by:
 - plain QEMU multifd (4 channels) + zstd,
 - plain QEMU xbzrle,
 - dwcp: plain QEMU on both hosts, the stream carried by the agents (unix sockets), with the
-  default configuration (mutual TLS); on the LAN also with ``transport.direct_lane`` (the
-  passthrough bytes spliced over a plain TCP connection, opt-in).
+  default configuration (mutual TLS; on the LAN the passthrough bytes go over the TLS lane);
+  on the LAN also through the session (``transport.tls_lane: false``, the default before the
+  TLS lane) and with ``transport.direct_lane`` (the passthrough bytes spliced over a plain TCP
+  connection, opt-in).
 Bytes on the wire are counted by the WAN emulator (both directions, IP packets), so every
 row is measured the same way; on the LAN, QEMU's own ram.transferred (plain) and the agents'
 wire bytes (dwcp) are reported. Agent CPU is user+system seconds of both agent processes.
@@ -53,6 +55,7 @@ from dwcp_migrate.testbed.wan import WanSpec  # noqa: E402
 
 DOC = REPO / "docs" / "BENCHMARKS.md"
 LANE_LABEL = "dwcp, direct lane (opt-in, plaintext)"
+SESSION_LABEL = "dwcp, through the session (tls_lane off)"
 LINKS = {"lan": None, "wan": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000),
          "wanloss": WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000, loss=0.001)}
 
@@ -86,6 +89,10 @@ def main() -> int:
                 rows += run_comparison(link, None, setup, (), timeout_s=args.plain_timeout,
                                        agent_settings={"transport": {"direct_lane": True}},
                                        dwcp_label=LANE_LABEL)
+                # passthrough through the session, as before the TLS lane (agent/tlslane.py)
+                rows += run_comparison(link, None, setup, (), timeout_s=args.plain_timeout,
+                                       agent_settings={"transport": {"tls_lane": False}},
+                                       dwcp_label=SESSION_LABEL)
             print(format_rows([r for r in rows if r.link == link]), flush=True)
     medians = median_rows(rows)
     table = format_rows(medians)

@@ -36,6 +36,8 @@ def test_defaults() -> None:
     assert cfg.security.plaintext and cfg.security.tls is None
     assert cfg.peers["b"].libvirt_uri == "qemu+tcp://10.0.0.2/system"
     assert cfg.transport.direct_lane_ports is None
+    assert cfg.transport.tls_lane and not cfg.transport.direct_lane
+    assert not parse_config({**base(), "transport": {"tls_lane": False}}).transport.tls_lane
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -61,6 +63,7 @@ def test_direct_lane_ports(value: object, expected: tuple[int, int]) -> None:
     ({"transport": {"direct_lane_ports": "80"}}, "transport.direct_lane_ports"),
     ({"transport": {"direct_lane_ports": "many"}}, "transport.direct_lane_ports"),
     ({"transport": {"direct_lane_ports": True}}, "transport.direct_lane_ports"),
+    ({"transport": {"tls_lane": "on"}}, "transport.tls_lane"),
     ({"codec": {"mode": "fast"}}, "codec.mode"),
     ({"codec": {"wan": "gzip"}}, "codec.wan"),
     ({"codec": {"cache_mib": "lots"}}, "codec.cache_mib"),

@@ -50,6 +50,8 @@ def run(request: pytest.FixtureRequest, products: BuildProducts,
         "plaintext": {"tls": {"plaintext": True}},
         # the opt-in direct lane carries passthrough only: force passthrough on the WAN
         "lane": {"codec": {"mode": "passthrough"}, "transport": {"direct_lane": True}},
+        # passthrough goes over the TLS lane by default
+        "tlslane": {"codec": {"mode": "passthrough"}},
     }
     settings = choices.get(request.param)
     with TestBed(("a", "b"), wan=WAN, tcp=TcpSettings.stock()) as bed:
@@ -174,7 +176,25 @@ def test_one_connection_reset_is_survived(run: Run) -> None:
     assert record["transport"]["0"]["connections_lost"] >= 1, record["transport"]
 
 
-@pytest.mark.parametrize("run", ["tls", "plaintext"], indirect=True)
+def _reset_lane_connections(r: Run) -> None:
+    """Kill the source agent's TLS lane connections (both directions; the kernel sends
+    resets): everything to the destination agent but its session port."""
+    host = r.bed.host("a")
+    peer = r.bed.address("b", "wan")
+    out = host.run(["ss", "-Htn", "state", "established", "dst", peer, "dport", "!=", "7480"])
+    assert len(out.stdout.splitlines()) == 2, out.stdout  # F and R
+    host.run(["ss", "-K", "dst", peer, "dport", "!=", "7480"])
+
+
+@pytest.mark.parametrize("run", ["tlslane"], indirect=True)
+def test_tls_lane_reset_is_survived(run: Run) -> None:
+    info = migrate_with(run, _reset_lane_connections)
+    assert_completed_identically(run, info)
+    record = _wait_recent(run.agents["a"])["transport"]["0"]
+    assert record["lane"] == "tls" and record["reconnects"] >= 1, record
+
+
+@pytest.mark.parametrize("run", ["tls", "plaintext", "tlslane"], indirect=True)
 def test_corrupted_frame_is_never_delivered(run: Run) -> None:
     assert run.bed.wan is not None
     wan = run.bed.wan
@@ -183,17 +203,20 @@ def test_corrupted_frame_is_never_delivered(run: Run) -> None:
     assert_completed_identically(run, info)  # ... and never reached the destination QEMU
     dst_record = _wait_recent(run.agents["b"])
     lost = dst_record["transport"]["0"]
-    if run.agents["b"].config_path.read_text().find("plaintext: true") >= 0:
+    if lost.get("lane") == "tls":
+        assert lost["reconnects"] >= 1, lost  # TLS refused the record; the source resent
+    elif run.agents["b"].config_path.read_text().find("plaintext: true") >= 0:
         assert lost["corrupt_frames"] >= 1, lost  # the frame check caught it
     else:
         assert lost["connections_lost"] >= 1, lost  # TLS dropped the damaged connection
 
 
 # The direct lane (opt-in, unencrypted, spliced by the kernel) does not survive a broken
-# connection, but whatever breaks, the migration fails on the source and the VM runs on.
-@pytest.mark.parametrize("run", ["lane"], indirect=True)
+# connection, but whatever breaks, the migration fails on the source and the VM runs on. The
+# TLS lane survives broken connections (above), not a dead agent or QEMU.
+@pytest.mark.parametrize("run", ["lane", "tlslane"], indirect=True)
 @pytest.mark.parametrize("inject", ["destination agent", "source agent", "destination QEMU"])
-def test_direct_lane_failures_leave_the_vm_on_the_source(run: Run, inject: str) -> None:
+def test_lane_failures_leave_the_vm_on_the_source(run: Run, inject: str) -> None:
     actions: dict[str, Callable[[Run], None]] = {
         "destination agent": lambda r: r.agents["b"].kill(),
         "source agent": lambda r: r.agents["a"].kill(),
@@ -201,7 +224,10 @@ def test_direct_lane_failures_leave_the_vm_on_the_source(run: Run, inject: str) 
     }
     info = migrate_with(run, actions[inject])
     assert_failed_safely(run, info, "")
-    assert "direct lane to b" in run.agents["a"].log_tail(50000)
+    if "direct_lane: true" in run.agents["a"].config_path.read_text():
+        assert "direct lane to b" in run.agents["a"].log_tail(50000)
+    elif inject != "source agent":
+        assert "TLS lane" in _wait_recent(run.agents["a"])["error"]
 
 
 @pytest.mark.parametrize("run", ["lane"], indirect=True)

@@ -1,7 +1,9 @@
 """LAN migrations through the agents: the path is detected as a datacenter one, so the data
-passes through unencoded over the mode's connections (1, CUBIC) instead of the 8 BBR ones
-opened on first contact; with ``transport.direct_lane`` on both agents it goes over one
-spliced plain TCP connection instead. The destination's RAM is identical at switchover."""
+passes through unencoded: by default over the TLS lane (its own mutual-TLS connections, in
+threads); with ``transport.tls_lane: false``, through the session on the mode's connections
+(1, CUBIC) instead of the 8 BBR ones opened on first contact; with ``transport.direct_lane``
+on both agents over one spliced plain TCP connection. The destination's RAM is identical at
+switchover."""
 
 from __future__ import annotations
 
@@ -28,11 +30,14 @@ class Outcome:
     destination_log: str
 
 
-def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None) -> Outcome:
+def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None,
+             tls_lane: dict[str, bool] | None = None) -> Outcome:
     setup = GuestSetup("baremetal", 256, WorkloadSpec(working_set_mib=128, dirty_mib_per_s=4))
+    tls = tls_lane or {"a": False, "b": False}
     with TestBed(("a", "b")) as bed:
         agents = {h: TestAgent(bed, h, link="lan", settings={"transport": {
-            "direct_lane": direct_lane[h], "direct_lane_ports": lane_ports}})
+            "direct_lane": direct_lane[h], "direct_lane_ports": lane_ports,
+            "tls_lane": tls[h]}})
             for h in ("a", "b")}
         for agent in agents.values():
             agent.start()
@@ -55,6 +60,21 @@ def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None) -> Out
     assert channel["bytes_from_qemu"] > 64 << 20, channel
     assert outcome.destination["channels"][0]["bytes_to_qemu"] == channel["bytes_from_qemu"]
     return outcome
+
+
+def test_lan_migration_goes_over_the_tls_lane_by_default(
+        products: BuildProducts, leak_check: None) -> None:
+    outcome = _migrate({"a": False, "b": False}, tls_lane={"a": True, "b": True})
+    assert outcome.source["transport"]["0"] == {
+        "lane": "tls", "reconnects": 0, "resent_bytes": 0}, outcome.source
+    assert outcome.destination["transport"]["0"]["lane"] == "tls", outcome.destination
+
+
+def test_tls_lane_refused_by_the_destination_falls_back_to_the_session(
+        products: BuildProducts, leak_check: None) -> None:
+    outcome = _migrate({"a": False, "b": False}, tls_lane={"a": True, "b": False})
+    assert "congestion_control" in outcome.source["transport"]["0"], outcome.source
+    assert "offers no tls lane" in outcome.source_log
 
 
 def test_lan_migration_passes_through_on_the_datacenter_settings(

@@ -46,8 +46,12 @@ class TransportSettings:
     congestion_control: str | None = AUTO
     # passthrough bytes spliced over a plain TCP connection (agent/lane.py): not encrypted
     direct_lane: bool = False
-    # where the destination listens for lanes (inclusive range); None: an ephemeral port
+    # where the destination listens for lanes, direct or TLS (inclusive range); None: an
+    # ephemeral port
     direct_lane_ports: tuple[int, int] | None = None
+    # passthrough bytes over their own mutual-TLS connections, in threads (agent/tlslane.py);
+    # the direct lane wins where both are on, and a plaintext agent has no TLS lane
+    tls_lane: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,8 @@ def parse_config(data: Any, source: Path | None = None) -> AgentConfig:
                                   tr.boolean("adapt", True), None if cc == "system" else cc,
                                   tr.boolean("direct_lane", False),
                                   _port_range(tr.get("direct_lane_ports"),
-                                              tr.key("direct_lane_ports")))
+                                              tr.key("direct_lane_ports")),
+                                  tr.boolean("tls_lane", True))
     tr.finish()
 
     cs = top.section("codec")

@@ -36,6 +36,14 @@ from dwcp_migrate.agent.lane import Counter as LaneCounter
 from dwcp_migrate.agent.lane import LaneError, LaneListener, connect_lane, run_lane
 from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
 from dwcp_migrate.agent.records import ChannelCounters, MigrationLog, MigrationRecord
+from dwcp_migrate.agent.tlslane import (
+    FORWARD,
+    RETURN,
+    Dialer,
+    LaneResult,
+    TlsLaneListener,
+    run_tls_lane,
+)
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec.memory import release_pool
 from dwcp_migrate.policies.mode import (
@@ -328,12 +336,12 @@ class Agent:
                 if index == 0:
                     mig.guest_ram = guest_ram_bytes(ahead.prefix(MEM_SIZE_PREFIX))
                 encoder = make_encoder(self.config.codec, decision.mode, mig.guest_ram)
-            want_lane = mode == "passthrough" and self.config.transport.direct_lane
+            want_lane = self._lane_for(mode)
             open_msg: dict[str, Any] = {
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,
                 "codec": encoder.describe() if encoder is not None else None,
-                "lane": "direct" if want_lane else None,
+                "lane": want_lane,
                 "relay_window": defaults_for(decision.mode).relay_window,
                 "delivery_credit": encoder is not None}
             for part in encode_json(MessageType.OPEN, open_msg):
@@ -354,9 +362,14 @@ class Agent:
             head, head_eof = await ahead.stop()
             offer = reply.json().get("lane") if want_lane else None
             if want_lane and not offer:
-                log.info("migration %s channel %d: agent %s offers no direct lane (its "
-                         "transport.direct_lane is off): passthrough over the session",
-                         mig.record.id, index, peer.name)
+                log.info("migration %s channel %d: agent %s offers no %s lane (its "
+                         "transport.%s_lane is off): passthrough over the session",
+                         mig.record.id, index, peer.name, want_lane, want_lane)
+            if offer and want_lane == "tls":
+                mig.record.transport[str(index)] = await self._carry_on_tls_lane(
+                    qemu, peer, offer, head, counters)
+                await session.close()
+                return
             if offer:
                 await self._carry_on_lane(qemu, peer, offer, head, counters)
                 mig.record.transport[str(index)] = {"lane": "direct"}
@@ -424,6 +437,55 @@ class Agent:
             counters.bytes_from_qemu += up.bytes
             counters.return_bytes += down.bytes
             counters.wire_bytes += up.bytes + down.bytes
+
+    def _lane_for(self, mode: str) -> str | None:
+        """Which lane a passthrough channel asks the destination for, if any."""
+        if mode != "passthrough":
+            return None
+        if self.config.transport.direct_lane:
+            return "direct"
+        if self.config.transport.tls_lane and self.config.security.tls is not None:
+            return "tls"
+        return None
+
+    async def _carry_on_tls_lane(self, qemu: QemuConnection, peer: PeerConfig, offer: Any,
+                                 head: list[bytes | memoryview], counters: ChannelCounters
+                                 ) -> dict[str, Any]:
+        """Source: the stream over the TLS lane the destination offered (agent/tlslane.py)."""
+        assert self.config.security.tls is not None
+        try:
+            port, token = int(offer["port"]), bytes.fromhex(str(offer["token"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MigrationError(f"agent {peer.name} offered a malformed TLS lane: "
+                                 f"{exc!r}") from exc
+        context = self.config.security.tls.client_context()
+        address = (peer.host, port)
+        outgoing = Dialer(FORWARD, address, token, context, peer.name)
+        incoming = Dialer(RETURN, address, token, context, peer.name)
+        sock, unread = qemu.detach()
+        result = LaneResult()
+        try:
+            await run_tls_lane(sock, outgoing, incoming, result, head=[*head, *unread])
+        finally:
+            counters.bytes_from_qemu += result.sent.bytes
+            counters.return_bytes += result.received.bytes
+            counters.wire_bytes += result.payload_bytes()
+        return result.record()
+
+    async def _deliver_on_tls_lane(self, listener: TlsLaneListener, qemu: QemuConnection,
+                                   counters: ChannelCounters) -> dict[str, Any]:
+        """Destination: the stream from the TLS lane into QEMU, QEMU's answers back."""
+        sock, unread = qemu.detach()
+        result = LaneResult()
+        try:
+            await run_tls_lane(sock, listener.slots[RETURN], listener.slots[FORWARD], result,
+                               head=unread)
+        finally:
+            listener.close()  # a source trying to reconnect now is refused at once
+            counters.bytes_to_qemu += result.received.bytes
+            counters.return_bytes += result.sent.bytes
+            counters.wire_bytes += result.payload_bytes()
+        return result.record()
 
     async def _deliver_on_lane(self, listener: LaneListener, qemu: QemuConnection,
                                counters: ChannelCounters) -> None:
@@ -503,6 +565,7 @@ class Agent:
         error: str | None = None
         qemu: QemuConnection | None = None
         listener: LaneListener | None = None
+        tls_listener: TlsLaneListener | None = None
         try:
             decoder = make_decoder(self.config.codec, request.get("codec")) \
                 if request["mode"] == "encode" else None
@@ -524,11 +587,27 @@ class Agent:
                 except (LaneError, OSError) as exc:  # the session carries it instead
                     log.warning("migration %s channel %d: no direct lane (%s); passthrough "
                                 "through the session", request.get("migration"), index, exc)
+            if (request.get("lane") == "tls" and request["mode"] == "passthrough"
+                    and self.config.transport.tls_lane and self.config.security.tls):
+                try:
+                    tls_listener = TlsLaneListener(self.config.listen_host,
+                                                   self.config.security.tls, messages.peer,
+                                                   self.config.transport.direct_lane_ports)
+                    accept["lane"] = {"port": tls_listener.port,
+                                      "token": tls_listener.token.hex()}
+                except (LaneError, OSError) as exc:  # the session carries it instead
+                    log.warning("migration %s channel %d: no TLS lane (%s); passthrough "
+                                "through the session", request.get("migration"), index, exc)
             for part in encode_json(MessageType.ACCEPT, accept):
                 counters.wire_bytes += len(part)
                 await session.send(part)
             if listener is not None:
                 await self._deliver_on_lane(listener, qemu, counters)
+                await session.close()
+                return
+            if tls_listener is not None:
+                mig.record.transport[str(index)] = await self._deliver_on_tls_lane(
+                    tls_listener, qemu, counters)
                 await session.close()
                 return
             window = request.get("relay_window")
@@ -558,6 +637,8 @@ class Agent:
         finally:
             if listener is not None:
                 listener.close()
+            if tls_listener is not None:
+                tls_listener.close()
             if qemu is not None:
                 _close_qemu(qemu, abort=error is not None)
             counters.wire_bytes += messages.wire_bytes

@@ -56,6 +56,36 @@ class LaneError(MigrationError):
     """The direct lane could not be set up or broke."""
 
 
+def bind_lane_port(host: str, ports: tuple[int, int] | None) -> socket.socket:
+    """A socket bound to a port of ``ports`` (tried from a random place on), or to an
+    ephemeral port when None. Raises :class:`LaneError` when every port of the range is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    candidates = [0]
+    if ports is not None:
+        low, high = ports
+        start = secrets.randbelow(high - low + 1)
+        span = list(range(low, high + 1))
+        candidates = span[start:] + span[:start]
+    for port in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # A port whose last lane is in TIME_WAIT is free for a new listener: without
+            # this a small range would be used up for a minute after each migration.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or port == 0:
+                raise
+        except BaseException:
+            sock.close()
+            raise
+    assert ports is not None
+    raise LaneError(f"every port of transport.direct_lane_ports ({ports[0]}-{ports[1]}) "
+                    f"is in use on {host}: widen the range")
+
+
 class LaneListener:
     """Destination: a one-connection listening socket for a lane, with its token."""
 
@@ -65,34 +95,9 @@ class LaneListener:
         of the range is taken."""
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.ports = ports
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        candidates = [0]
-        if ports is not None:
-            low, high = ports
-            start = secrets.randbelow(high - low + 1)
-            span = list(range(low, high + 1))
-            candidates = span[start:] + span[:start]
-        for port in candidates:
-            self._sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                # A port whose last lane is in TIME_WAIT is free for a new listener: without
-                # this a small range would be used up for a minute after each migration.
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                self._sock.bind((host, port))
-                self._sock.listen(1)
-                self._sock.setblocking(False)
-                break
-            except OSError as exc:
-                self._sock.close()
-                if exc.errno != errno.EADDRINUSE or port == 0:
-                    raise
-            except BaseException:
-                self._sock.close()
-                raise
-        else:
-            assert ports is not None
-            raise LaneError(f"every port of transport.direct_lane_ports ({ports[0]}-{ports[1]}) "
-                            f"is in use on {host}: widen the range")
+        self._sock = bind_lane_port(host, ports)
+        self._sock.listen(1)
+        self._sock.setblocking(False)
         self.port: int = self._sock.getsockname()[1]
 
     def _where(self) -> str:

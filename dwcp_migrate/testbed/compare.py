@@ -163,7 +163,9 @@ def run_comparison(
         record = recent[-1] if recent else {}
         wire = after - before if after is not None and before is not None \
             else record.get("wire_bytes")
-        rows.append(_row(link, result, wire, cpu, f"data path: {record.get('mode', '?')}"))
+        lane = (record.get("transport") or {}).get("0", {}).get("lane")
+        path = f"{record.get('mode', '?')}" + (f" over the {lane} lane" if lane else "")
+        rows.append(_row(link, result, wire, cpu, f"data path: {path}"))
     return rows
 
 

@@ -1,0 +1,226 @@
+"""The TLS lane on loopback, with real certificates and real sockets: both directions carried
+to the end, connections reset in the middle and replaced with nothing lost or doubled, and
+refusals (wrong token, wrong certificate, a receiver too far behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from dwcp_migrate.agent import tlslane
+from dwcp_migrate.agent.lane import LaneError
+from dwcp_migrate.agent.tlslane import (
+    FORWARD,
+    RETURN,
+    Dialer,
+    LaneResult,
+    Retained,
+    TlsLaneListener,
+    run_tls_lane,
+)
+from dwcp_migrate.transports.certs import issue, load_or_make_ca
+from dwcp_migrate.transports.tls import TlsConfig
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsConfig]:
+    """Agents a and b from one CA, and an ``a`` from another CA (``stranger``)."""
+    good, other = tmp_path_factory.mktemp("good"), tmp_path_factory.mktemp("other")
+    configs = {}
+    for directory, names in ((good, ("a", "b", "c")), (other, ("a",))):
+        ca = load_or_make_ca(directory)
+        for name in names:
+            issued = issue(directory, name, ca=ca)
+            key = name if directory == good else "stranger"
+            configs[key] = TlsConfig(issued.cert, issued.key, directory / "ca.pem")
+    return configs
+
+
+def test_retained_ring_gives_back_what_is_missing() -> None:
+    kept = Retained(size=10)
+    kept.put(b"0123456789abcd")  # wraps: positions 4..13 are kept
+    assert b"".join(kept.since(10)) == b"abcd"
+    assert b"".join(kept.since(4)) == b"456789abcd"
+    assert kept.since(14) == []
+    with pytest.raises(LaneError, match="11 bytes behind, more than the 10 kept"):
+        kept.since(3)
+    with pytest.raises(LaneError, match="claims 15 bytes of a stream of 14"):
+        kept.since(15)
+
+
+class Ends:
+    """A source and a destination agent's halves of one lane, with a QEMU socket pair each."""
+
+    def __init__(self, pki: dict[str, TlsConfig], *, client: str = "a",
+                 token: bytes | None = None) -> None:
+        self.listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
+        ctx = pki[client].client_context()
+        address = ("127.0.0.1", self.listener.port)
+        use = token if token is not None else self.listener.token
+        self.out = Dialer(FORWARD, address, use, ctx, "b")
+        self.back = Dialer(RETURN, address, use, ctx, "b")
+        # "QEMU" at each end: the agent holds one end of a socketpair, the test the other
+        self.src_qemu, self.src_agent = socket.socketpair()
+        self.dst_qemu, self.dst_agent = socket.socketpair()
+        self.results = (LaneResult(), LaneResult())
+
+    def run(self) -> None:
+        async def main() -> None:
+            try:
+                await asyncio.gather(
+                    run_tls_lane(self.src_agent, self.out, self.back, self.results[0]),
+                    run_tls_lane(self.dst_agent, self.listener.slots[RETURN],
+                                 self.listener.slots[FORWARD], self.results[1]))
+            finally:
+                self.listener.close()
+        asyncio.run(main())
+
+
+def _feed(sock: socket.socket, data: bytes, during: Callable[[int], None] | None = None) -> None:
+    view = memoryview(data)
+    sent = 0
+    while sent < len(view):
+        sent += sock.send(view[sent:sent + (1 << 20)])
+        if during is not None:
+            during(sent)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _drain(sock: socket.socket, into: list[bytes]) -> None:
+    while chunk := sock.recv(1 << 20):
+        into.append(chunk)
+
+
+def _carry(ends: Ends, forward: bytes, back: bytes,
+           during: Callable[[int], None] | None = None) -> tuple[bytes, bytes]:
+    got_dst: list[bytes] = []
+    got_src: list[bytes] = []
+    threads = [threading.Thread(target=_feed, args=(ends.src_qemu, forward, during)),
+               threading.Thread(target=_feed, args=(ends.dst_qemu, back)),
+               threading.Thread(target=_drain, args=(ends.dst_qemu, got_dst)),
+               threading.Thread(target=_drain, args=(ends.src_qemu, got_src))]
+    for t in threads:
+        t.start()
+    try:
+        ends.run()
+    finally:
+        for s in (ends.src_qemu, ends.dst_qemu):
+            s.shutdown(socket.SHUT_RDWR)
+        for t in threads:
+            t.join(30)
+    return b"".join(got_dst), b"".join(got_src)
+
+
+def test_both_directions_reach_the_end(pki: dict[str, TlsConfig]) -> None:
+    forward, back = os.urandom(24 << 20), os.urandom(100_000)
+    ends = Ends(pki)
+    got_forward, got_back = _carry(ends, forward, back)
+    assert hashlib.sha256(got_forward).digest() == hashlib.sha256(forward).digest()
+    assert got_back == back
+    source, destination = ends.results
+    assert source.sent.bytes == destination.received.bytes == len(forward)
+    assert destination.sent.bytes == source.received.bytes == len(back)
+    assert source.record() == {"lane": "tls", "reconnects": 0, "resent_bytes": 0}
+
+
+def _reset(port: int) -> None:
+    """The kernel kills the client end of the lane connections (the server end gets a RST)."""
+    subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)], check=True,
+                   capture_output=True)
+
+
+@pytest.mark.usefixtures("root")
+def test_reset_connections_are_replaced(pki: dict[str, TlsConfig]) -> None:
+    forward, back = os.urandom(96 << 20), os.urandom(3 << 20)
+    ends = Ends(pki)
+    resets = [16 << 20, 48 << 20]
+
+    def during(sent: int) -> None:
+        if resets and sent >= resets[0]:
+            resets.pop(0)
+            _reset(ends.listener.port)
+
+    got_forward, got_back = _carry(ends, forward, back, during)
+    assert not resets
+    assert hashlib.sha256(got_forward).digest() == hashlib.sha256(forward).digest()
+    assert got_back == back
+    source, destination = ends.results
+    assert source.sent.reconnects >= 2, source
+    assert destination.received.bytes == len(forward)
+
+
+def test_wrong_token_is_refused(pki: dict[str, TlsConfig],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 1.0)
+    ends = Ends(pki, token=b"x" * tlslane.TOKEN_BYTES)
+    with pytest.raises(LaneError):
+        _carry(ends, b"data", b"")
+    assert any("did not present the lane's token" in r for r in ends.listener.refused)
+
+
+@pytest.mark.parametrize("client", ["c", "stranger"])
+def test_wrong_certificate_is_refused(pki: dict[str, TlsConfig], client: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``c`` is from the cluster's CA but is not the source agent; ``stranger`` is an ``a``
+    from another CA."""
+    monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 1.0)
+    ends = Ends(pki, client=client)
+    with pytest.raises(LaneError):
+        _carry(ends, b"data", b"")
+    assert ends.listener.refused, "the destination accepted a wrong client"
+    if client == "c":
+        assert "not the source agent 'a'" in ends.listener.refused[0]
+
+
+def test_destination_qemu_gone_fails_the_lane(pki: dict[str, TlsConfig]) -> None:
+    ends = Ends(pki)
+    ends.dst_qemu.close()  # QEMU died: writing into it fails on the destination
+
+    async def main() -> None:
+        try:
+            results = await asyncio.gather(
+                run_tls_lane(ends.src_agent, ends.out, ends.back, ends.results[0]),
+                run_tls_lane(ends.dst_agent, ends.listener.slots[RETURN],
+                             ends.listener.slots[FORWARD], ends.results[1]),
+                return_exceptions=True)
+        finally:
+            ends.listener.close()
+        for outcome in results:
+            assert isinstance(outcome, LaneError), outcome
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):  # the source agent gives up: QEMU's socket breaks
+            _feed(ends.src_qemu, os.urandom(8 << 20))
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    asyncio.run(main())
+    ends.src_qemu.close()
+    feeder.join(30)
+
+
+def test_a_receiver_too_far_behind_is_refused() -> None:
+    kept = Retained(size=1 << 20)
+    kept.put(os.urandom(3 << 20))
+    with pytest.raises(LaneError, match="more than the 1048576 kept"):
+        kept.since(1 << 20)
+
+
+def test_no_connection_times_out(pki: dict[str, TlsConfig],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 0.3)
+    listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
+    try:
+        with pytest.raises(LaneError, match=r"did not open the TLS lane within 0\.3 s"):
+            listener.slots[FORWARD].get(None, time.monotonic() + 0.3)
+    finally:
+        listener.close()

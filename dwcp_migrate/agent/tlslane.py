@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dwcp_migrate.agent.lane import LaneError, _guard, bind_lane_port
+from dwcp_migrate.agent.lane import LaneError, _guard, bind_lane_port, widen_unix_buffer
 from dwcp_migrate.transports.tls import TlsConfig, explain, peer_names
 
 log = logging.getLogger(__name__)
@@ -461,6 +461,7 @@ async def run_tls_lane(qemu: socket.socket, outgoing: ConnectionSource,
     QEMU sees a broken stream) and is raised as a :class:`LaneError`; the QEMU socket is the
     caller's to close."""
     qemu.setblocking(True)
+    widen_unix_buffer(qemu)
     loop = asyncio.get_running_loop()
     done: asyncio.Queue[BaseException | None] = asyncio.Queue()
 

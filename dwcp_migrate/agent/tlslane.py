@@ -32,6 +32,7 @@ ways (the receiver answers once it has written everything into QEMU), then TCP's
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import hmac
@@ -134,7 +135,7 @@ class LaneClosedError(LaneError):
     """The lane was ended (an error elsewhere, or cancelled) while this side waited."""
 
 
-class ConnectionSource:
+class ConnectionSource(abc.ABC):
     """Where a pump gets its connection of one kind, the first one and after a break."""
 
     def __init__(self, kind: bytes) -> None:
@@ -142,10 +143,10 @@ class ConnectionSource:
         self.current: ssl.SSLSocket | None = None
         self.closed = threading.Event()
 
+    @abc.abstractmethod
     def get(self, broken: BaseException | None, deadline: float) -> ssl.SSLSocket:
         """A new connection (the current one is closed first), by ``deadline`` (monotonic
         clock) or :class:`LaneError`."""
-        raise NotImplementedError
 
     def wait_s(self, broken: BaseException | None) -> float:
         return ACCEPT_TIMEOUT if broken is None else RESUME_TIMEOUT

@@ -220,7 +220,25 @@ def test_no_connection_times_out(pki: dict[str, TlsConfig],
     monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 0.3)
     listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
     try:
-        with pytest.raises(LaneError, match=r"did not open the TLS lane within 0\.3 s"):
+        with pytest.raises(LaneError, match=r"did not open the TLS lane within 0\.3 s: the "
+                                            r"destination's lane ports"):
             listener.slots[FORWARD].get(None, time.monotonic() + 0.3)
     finally:
         listener.close()
+
+
+def test_an_unreachable_lane_says_what_to_do(pki: dict[str, TlsConfig],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first connection that cannot be made (here: refused, as a REJECT rule would) names
+    the ports to open and the setting that avoids the lane."""
+    monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 0.5)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # a port nobody listens on
+        port = unused.getsockname()[1]
+        dialer = Dialer(FORWARD, ("127.0.0.1", port), b"t" * tlslane.TOKEN_BYTES,
+                        pki["a"].client_context(), "b")
+        with pytest.raises(LaneError, match=r"was refused .*must be reachable from the "
+                                            r"source agent; or set transport.tls_lane: false"):
+            dialer.get(None, time.monotonic() + 0.5)
+        with pytest.raises(LaneError, match="the destination closed the TLS lane"):
+            dialer.get(ConnectionResetError(), time.monotonic() + 0.5)

@@ -64,7 +64,7 @@ def widen_unix_buffer(qemu: socket.socket) -> None:
 
 
 class LaneError(MigrationError):
-    """The direct lane could not be set up or broke."""
+    """A lane (direct or TLS) could not be set up or broke."""
 
 
 def bind_lane_port(host: str, ports: tuple[int, int] | None) -> socket.socket:

@@ -65,6 +65,9 @@ ACCEPT_TIMEOUT = 5.0  # the first connection of each kind
 RESUME_TIMEOUT = 10.0  # a replacement connection, from the break on
 HANDSHAKE_TIMEOUT = 5.0
 _COUNT = struct.Struct(">Q")
+FIREWALL_HINT = ("the destination's lane ports (transport.direct_lane_ports, else its ephemeral "
+                 "ports) must be reachable from the source agent; or set "
+                 "transport.tls_lane: false on either agent to carry passthrough in the session")
 
 
 class Retained:
@@ -178,8 +181,12 @@ class Dialer(ConnectionSource):
                 self.current = self._connect(min(left, HANDSHAKE_TIMEOUT))
                 return self.current
             except ConnectionRefusedError as exc:
+                if broken is None:  # the port was open a moment ago: a firewall rejects it
+                    raise LaneError(f"the TLS lane to {self.address[0]}:{self.address[1]} "
+                                    f"was refused ({exc}): {FIREWALL_HINT}") from exc
                 # The destination's lane port is gone: its lane ended (failed) or its agent.
-                raise LaneError(f"the destination closed the TLS lane ({exc})") from exc
+                raise LaneError(f"the destination closed the TLS lane ({exc}): the "
+                                f"destination agent's log says why") from exc
             except ssl.SSLError as exc:
                 raise explain(exc, self.peer, side="client") from exc
             except OSError as exc:  # timeouts, unreachable: the network may come back
@@ -187,8 +194,9 @@ class Dialer(ConnectionSource):
                 self.closed.wait(0.2)
         if self.closed.is_set():
             raise LaneClosedError("the lane was closed")
-        raise LaneError(f"cannot (re)connect the TLS lane to {self.address[0]}:"
-                        f"{self.address[1]} within {self.wait_s(broken):g} s: {last}")
+        raise LaneError(f"cannot {'open' if broken is None else 'reconnect'} the TLS lane to "
+                        f"{self.address[0]}:{self.address[1]} within "
+                        f"{self.wait_s(broken):g} s ({last}): {FIREWALL_HINT}")
 
     def _connect(self, timeout: float) -> ssl.SSLSocket:
         raw = socket.create_connection(self.address, timeout=timeout)
@@ -242,7 +250,7 @@ class Slot(ConnectionSource):
             raise LaneClosedError("the lane was closed")
         what = ("open" if broken is None else f"reconnect (after: {broken})")
         raise LaneError(f"the source agent did not {what} the TLS lane within "
-                        f"{self.wait_s(broken):g} s")
+                        f"{self.wait_s(broken):g} s: {FIREWALL_HINT}")
 
     def close(self) -> None:
         super().close()
@@ -264,11 +272,10 @@ def _read_exactly(conn: ssl.SSLSocket, n: int) -> bytes:
 
 
 def send_side(qemu: socket.socket, lane: ConnectionSource, stats: LaneStats,
-              head: Sequence[bytes | memoryview] = (),
-              retained: Retained | None = None) -> None:
+              head: Sequence[bytes | memoryview] = ()) -> None:
     """QEMU -> lane until QEMU's EOF, then a TLS close that the receiver answers. A broken
     connection is replaced and the receiver gets what it is missing."""
-    kept = retained or Retained()
+    kept = Retained()
     conn: ssl.SSLSocket | None = None
 
     def connect(broken: BaseException | None) -> ssl.SSLSocket:

@@ -27,11 +27,12 @@ backports=/etc/apt/sources.list.d/dwcp-bookworm-backports.sources
 apt_packages=(
     busybox-static cpio gcc gcc-multilib make pkg-config socat iproute2 zstd procps psmisc
     linux-image-amd64 python3-venv python3-dev python3-pyverbs ca-certificates iperf3
-    iputils-ping util-linux
+    iputils-ping util-linux iptables
 )
 backport_packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev)
 
-if [ ! -f "$stamp_dir/apt" ] || ! command -v qemu-system-x86_64 >/dev/null || ! command -v libvirtd >/dev/null; then
+if [ ! -f "$stamp_dir/apt" ] || ! command -v qemu-system-x86_64 >/dev/null || ! command -v libvirtd >/dev/null \
+        || ! command -v iptables >/dev/null; then
     if [ ! -f "$backports" ]; then
         # Use whichever Debian mirror the machine already has configured.
         mirror=$(grep -hoE 'https?://[^ ]*/debian/?$' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -n1 || true)

@@ -31,7 +31,8 @@ class Outcome:
 
 
 def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None,
-             tls_lane: dict[str, bool] | None = None) -> Outcome:
+             tls_lane: dict[str, bool] | None = None, reject_port: int | None = None) -> Outcome:
+    """``reject_port``: a firewall rule on the destination rejects TCP to that port."""
     setup = GuestSetup("baremetal", 256, WorkloadSpec(working_set_mib=128, dirty_mib_per_s=4))
     tls = tls_lane or {"a": False, "b": False}
     with TestBed(("a", "b")) as bed:
@@ -41,6 +42,9 @@ def _migrate(direct_lane: dict[str, bool], lane_ports: str | None = None,
             for h in ("a", "b")}
         for agent in agents.values():
             agent.start()
+        if reject_port is not None:
+            bed.host("b").run(["iptables", "-A", "INPUT", "-p", "tcp", "--dport",
+                               str(reject_port), "-j", "REJECT"])
         result = agent_migration(bed, setup, str(agents["a"].outgoing_socket("b")),
                                  str(agents["b"].outgoing_socket("b")), timeout_s=120,
                                  parameters={"max-bandwidth": 1 << 40})
@@ -75,6 +79,22 @@ def test_tls_lane_refused_by_the_destination_falls_back_to_the_session(
     outcome = _migrate({"a": False, "b": False}, tls_lane={"a": True, "b": False})
     assert "congestion_control" in outcome.source["transport"]["0"], outcome.source
     assert "offers no tls lane" in outcome.source_log
+
+
+def test_tls_lane_behind_a_firewall_falls_back_to_the_session(
+        products: BuildProducts, leak_check: None) -> None:
+    """The destination's firewall rejects its lane port: the source declines the lane on the
+    session (LANE_DECLINED), the session carries the channel, and both records say why."""
+    port = 47_311
+    outcome = _migrate({"a": False, "b": False}, lane_ports=str(port),
+                       tls_lane={"a": True, "b": True}, reject_port=port)
+    source, destination = outcome.source["transport"]["0"], \
+        outcome.destination["transport"]["0"]
+    assert "congestion_control" in source, outcome.source
+    assert f":{port} was refused" in source["lane_declined"], source
+    assert destination["lane_declined"] == source["lane_declined"], destination
+    assert "passthrough through the session instead" in outcome.source_log
+    assert "could not connect to the TLS lane" in outcome.destination_log
 
 
 def test_lan_migration_passes_through_on_the_datacenter_settings(

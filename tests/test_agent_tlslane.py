@@ -23,8 +23,10 @@ from dwcp_migrate.agent.tlslane import (
     RETURN,
     Dialer,
     LaneResult,
+    LaneUnreachableError,
     Retained,
     TlsLaneListener,
+    open_tls_lane,
     run_tls_lane,
 )
 from dwcp_migrate.transports.certs import issue, load_or_make_ca
@@ -61,7 +63,8 @@ class Ends:
     """A source and a destination agent's halves of one lane, with a QEMU socket pair each."""
 
     def __init__(self, pki: dict[str, TlsConfig], *, client: str = "a",
-                 token: bytes | None = None) -> None:
+                 token: bytes | None = None, open_first: bool = False) -> None:
+        self.open_first = open_first
         self.listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
         ctx = pki[client].client_context()
         address = ("127.0.0.1", self.listener.port)
@@ -76,6 +79,9 @@ class Ends:
     def run(self) -> None:
         async def main() -> None:
             try:
+                if self.open_first:  # as the source agent does, before QEMU's socket
+                    await open_tls_lane(self.out, self.back)
+                    assert await asyncio.to_thread(self.listener.wait_for_source, 5)
                 await asyncio.gather(
                     run_tls_lane(self.src_agent, self.out, self.back, self.results[0]),
                     run_tls_lane(self.dst_agent, self.listener.slots[RETURN],
@@ -130,6 +136,49 @@ def test_both_directions_reach_the_end(pki: dict[str, TlsConfig]) -> None:
     assert source.sent.bytes == destination.received.bytes == len(forward)
     assert destination.sent.bytes == source.received.bytes == len(back)
     assert source.record() == {"lane": "tls", "reconnects": 0, "resent_bytes": 0}
+
+
+def test_connections_opened_first_are_the_ones_used(pki: dict[str, TlsConfig]) -> None:
+    """The source opens both connections before it hands QEMU's socket to the lane (so a lane
+    the network blocks can still be declined); the pumps then use those, not new ones."""
+    forward, back = os.urandom(4 << 20), os.urandom(10_000)
+    ends = Ends(pki, open_first=True)
+    got_forward, got_back = _carry(ends, forward, back)
+    assert got_forward == forward and got_back == back
+    assert ends.results[0].record()["reconnects"] == 0
+    assert ends.results[1].record()["reconnects"] == 0
+    assert not ends.listener.refused
+
+
+def test_waiting_for_the_source_ends_on_timeout_and_on_close(pki: dict[str, TlsConfig]) -> None:
+    listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
+    try:
+        assert listener.wait_for_source(0.2) is False
+        threading.Timer(0.2, listener.close).start()
+        started = time.monotonic()
+        assert listener.wait_for_source(30) is False
+        assert time.monotonic() - started < 10  # woken by close, not by the 30 s
+    finally:
+        listener.close()
+
+
+def test_a_silent_lane_port_is_unreachable(pki: dict[str, TlsConfig],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port that takes the TCP connection but never answers TLS (as behind a proxy that
+    swallows it) is unreachable for the lane: declinable, not a security failure."""
+    monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 0.6)
+    monkeypatch.setattr(tlslane, "HANDSHAKE_TIMEOUT", 0.2)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        out = Dialer(FORWARD, silent.getsockname(), b"t" * tlslane.TOKEN_BYTES,
+                     pki["a"].client_context(), "b")
+        back = Dialer(RETURN, silent.getsockname(), b"t" * tlslane.TOKEN_BYTES,
+                      pki["a"].client_context(), "b")
+        with pytest.raises(LaneUnreachableError, match=r"cannot open the TLS lane .* within "
+                                                       r"0\.6 s .*transport.tls_lane: false"):
+            asyncio.run(open_tls_lane(out, back))
+        assert out.closed.is_set() and back.closed.is_set()
 
 
 def _reset(port: int) -> None:
@@ -237,8 +286,11 @@ def test_an_unreachable_lane_says_what_to_do(pki: dict[str, TlsConfig],
         port = unused.getsockname()[1]
         dialer = Dialer(FORWARD, ("127.0.0.1", port), b"t" * tlslane.TOKEN_BYTES,
                         pki["a"].client_context(), "b")
-        with pytest.raises(LaneError, match=r"was refused .*must be reachable from the "
-                                            r"source agent; or set transport.tls_lane: false"):
+        with pytest.raises(LaneUnreachableError, match=r"was refused .*must be reachable "
+                                                       r"from the source agent; or set "
+                                                       r"transport.tls_lane: false"):
             dialer.get(None, time.monotonic() + 0.5)
-        with pytest.raises(LaneError, match="the destination closed the TLS lane"):
+        # Refused after a break: the lane was up, so its end is gone, not a firewall.
+        with pytest.raises(LaneError, match="the destination closed the TLS lane") as info:
             dialer.get(ConnectionResetError(), time.monotonic() + 0.5)
+        assert not isinstance(info.value, LaneUnreachableError)

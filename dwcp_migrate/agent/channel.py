@@ -16,6 +16,9 @@ both directions; this protocol only adds message boundaries and meaning:
     ABORT   either way, UTF-8 reason: the migration failed; close everything
     CREDIT  destination -> source, be64: bytes of QEMU stream written into the destination
             QEMU so far (only when OPEN asked for it and ACCEPT agreed; see agent/credit.py)
+    LANE_DECLINED  source -> destination, JSON {"why": ...}: ACCEPT offered a TLS lane that
+            the source could not connect to (a firewall); the session carries the stream,
+            and the destination closes the lane's port
 
 A message longer than ``MAX_MESSAGE`` or of an unknown type is a protocol error: the peer is
 misbehaving, and the channel is torn down with an error that says so.
@@ -49,6 +52,7 @@ class MessageType(enum.IntEnum):
     EOF = 6
     ABORT = 7
     CREDIT = 8
+    LANE_DECLINED = 9
 
 
 @dataclass(frozen=True)

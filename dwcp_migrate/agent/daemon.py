@@ -20,7 +20,13 @@ from functools import partial
 from typing import Any
 
 from dwcp_migrate.agent.admin import AdminServer
-from dwcp_migrate.agent.channel import PROTOCOL_VERSION, MessageType, encode, encode_json
+from dwcp_migrate.agent.channel import (
+    PROTOCOL_VERSION,
+    ChannelProtocolError,
+    MessageType,
+    encode,
+    encode_json,
+)
 from dwcp_migrate.agent.codecs import guest_ram_bytes, make_decoder, make_encoder
 from dwcp_migrate.agent.config import AUTO, AgentConfig, PeerConfig
 from dwcp_migrate.agent.credit import DeliveryCredit, encode_credit
@@ -37,11 +43,16 @@ from dwcp_migrate.agent.lane import LaneError, LaneListener, connect_lane, run_l
 from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
 from dwcp_migrate.agent.records import ChannelCounters, MigrationLog, MigrationRecord
 from dwcp_migrate.agent.tlslane import (
+    ACCEPT_TIMEOUT,
+    FIREWALL_HINT,
     FORWARD,
+    HANDSHAKE_TIMEOUT,
     RETURN,
     Dialer,
     LaneResult,
+    LaneUnreachableError,
     TlsLaneListener,
+    open_tls_lane,
     run_tls_lane,
 )
 from dwcp_migrate.errors import MigrationError
@@ -365,11 +376,24 @@ class Agent:
                 log.info("migration %s channel %d: agent %s offers no %s lane (its "
                          "transport.%s_lane is off): passthrough over the session",
                          mig.record.id, index, peer.name, want_lane, want_lane)
+            declined: str | None = None
             if offer and want_lane == "tls":
-                mig.record.transport[str(index)] = await self._carry_on_tls_lane(
-                    qemu, peer, offer, head, counters)
-                await session.close()
-                return
+                dialers = self._tls_dialers(peer, offer)
+                try:
+                    await open_tls_lane(*dialers)
+                except LaneUnreachableError as exc:  # nothing sent on it: the session can
+                    declined = str(exc)
+                    log.warning("migration %s channel %d: %s; passthrough through the "
+                                "session instead", mig.record.id, index, declined)
+                    for part in encode_json(MessageType.LANE_DECLINED, {"why": declined}):
+                        counters.wire_bytes += len(part)
+                        await session.send(part)
+                    offer = None
+                else:
+                    mig.record.transport[str(index)] = await self._carry_on_tls_lane(
+                        qemu, *dialers, head, counters)
+                    await session.close()
+                    return
             if offer:
                 await self._carry_on_lane(qemu, peer, offer, head, counters)
                 mig.record.transport[str(index)] = {"lane": "direct"}
@@ -392,6 +416,8 @@ class Agent:
             await session.close()
             mig.record.transport[str(index)] = {**_transport_stats(session),
                                                 "connections_at_end": connections}
+            if declined is not None:
+                mig.record.transport[str(index)]["lane_declined"] = declined
             if credit is not None:
                 mig.record.transport[str(index)].update(credit.stats())
             if encoder is not None:
@@ -448,10 +474,8 @@ class Agent:
             return "tls"
         return None
 
-    async def _carry_on_tls_lane(self, qemu: QemuConnection, peer: PeerConfig, offer: Any,
-                                 head: list[bytes | memoryview], counters: ChannelCounters
-                                 ) -> dict[str, Any]:
-        """Source: the stream over the TLS lane the destination offered (agent/tlslane.py)."""
+    def _tls_dialers(self, peer: PeerConfig, offer: Any) -> tuple[Dialer, Dialer]:
+        """Source: the connections to the TLS lane the destination offered."""
         assert self.config.security.tls is not None
         try:
             port, token = int(offer["port"]), bytes.fromhex(str(offer["token"]))
@@ -460,8 +484,13 @@ class Agent:
                                  f"{exc!r}") from exc
         context = self.config.security.tls.client_context()
         address = (peer.host, port)
-        outgoing = Dialer(FORWARD, address, token, context, peer.name)
-        incoming = Dialer(RETURN, address, token, context, peer.name)
+        return (Dialer(FORWARD, address, token, context, peer.name),
+                Dialer(RETURN, address, token, context, peer.name))
+
+    async def _carry_on_tls_lane(self, qemu: QemuConnection, outgoing: Dialer,
+                                 incoming: Dialer, head: list[bytes | memoryview],
+                                 counters: ChannelCounters) -> dict[str, Any]:
+        """Source: the stream over the TLS lane (agent/tlslane.py), its connections open."""
         sock, unread = qemu.detach()
         result = LaneResult()
         try:
@@ -605,11 +634,18 @@ class Agent:
                 await self._deliver_on_lane(listener, qemu, counters)
                 await session.close()
                 return
+            declined: str | None = None
             if tls_listener is not None:
-                mig.record.transport[str(index)] = await self._deliver_on_tls_lane(
-                    tls_listener, qemu, counters)
-                await session.close()
-                return
+                declined = await _source_takes_lane(tls_listener, messages)
+                if declined is None:
+                    mig.record.transport[str(index)] = await self._deliver_on_tls_lane(
+                        tls_listener, qemu, counters)
+                    await session.close()
+                    return
+                tls_listener.close()
+                log.warning("migration %s channel %d: the source agent could not connect to "
+                            "the TLS lane (%s); passthrough through the session instead",
+                            request.get("migration"), index, declined)
             window = request.get("relay_window")
             if isinstance(window, int) and window > 0:  # absent: an older source agent
                 session.set_recv_window(window)
@@ -627,6 +663,8 @@ class Agent:
             await run_pumps(down, up, session, messages.peer)
             await session.close()
             mig.record.transport[str(index)] = _transport_stats(session)
+            if declined is not None:
+                mig.record.transport[str(index)]["lane_declined"] = declined
         except (Exception, asyncio.CancelledError) as exc:
             error = _describe(exc, f"delivering the migration from {messages.peer}")
             with contextlib.suppress(Exception):
@@ -648,6 +686,34 @@ class Agent:
             if mig.open_channels == 0:
                 self._finish(mig.record, "; ".join(mig.errors) or None)
                 self._incoming.pop(mig.record.id, None)
+
+
+async def _source_takes_lane(listener: TlsLaneListener, messages: MessageStream) -> str | None:
+    """Destination, after offering a TLS lane: None once the source has connected both of
+    its connections; the source's reason if it declined the lane on the session instead
+    (it could not connect: then the session carries the stream)."""
+    # The source tries each of its two connections for up to ACCEPT_TIMEOUT, then declines.
+    connected = asyncio.ensure_future(asyncio.to_thread(
+        listener.wait_for_source, 2 * ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT))
+    said = asyncio.ensure_future(messages.next())
+    try:
+        await asyncio.wait((connected, said), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not said.done():
+            said.cancel()  # nothing is lost: a message is only taken off the session whole
+    if said.done() and not said.cancelled():
+        message = said.result()
+        if message is None:
+            raise MigrationError(f"agent {messages.peer} closed the session instead of "
+                                 "connecting to the TLS lane")
+        if message.type is not MessageType.LANE_DECLINED:
+            raise ChannelProtocolError(f"agent {messages.peer} sent {message.type.name} "
+                                       "instead of connecting to the TLS lane")
+        return str(message.json().get("why", "no reason given"))[:500]
+    if not await connected:
+        raise LaneError(f"the source agent did not open the TLS lane within "
+                        f"{2 * ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT:g} s: {FIREWALL_HINT}")
+    return None
 
 
 def _choose_transport(cfg: AgentConfig) -> tuple[str, str]:

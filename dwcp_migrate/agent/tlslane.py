@@ -134,6 +134,12 @@ class LaneStats:
     resent: int = 0  # bytes sent again after a reconnect
 
 
+class LaneUnreachableError(LaneError):
+    """The source could not make a first connection to the lane's port (refused, timed out,
+    unreachable): a firewall, most likely. Nothing has gone over the lane yet, so the agents
+    may carry the stream through their session instead (LANE_DECLINED)."""
+
+
 class LaneClosedError(LaneError):
     """The lane was ended (an error elsewhere, or cancelled) while this side waited."""
 
@@ -167,8 +173,19 @@ class Dialer(ConnectionSource):
                  context: ssl.SSLContext, peer: str) -> None:
         super().__init__(kind)
         self.address, self.token, self.context, self.peer = address, token, context, peer
+        self._opened: ssl.SSLSocket | None = None
+
+    def open_first(self, deadline: float) -> None:
+        """Make the first connection now (before QEMU's socket is handed to the lane), so
+        that a lane the network does not let through (:class:`LaneUnreachableError`) can
+        be declined while the session can still carry the stream."""
+        self._opened = self.get(None, deadline)
 
     def get(self, broken: BaseException | None, deadline: float) -> ssl.SSLSocket:
+        if broken is None and self._opened is not None:
+            self._opened = None  # made by open_first: the pump's first connection
+            assert self.current is not None
+            return self.current
         if self.current is not None:
             self.current.close()
             self.current = None
@@ -182,8 +199,9 @@ class Dialer(ConnectionSource):
                 return self.current
             except ConnectionRefusedError as exc:
                 if broken is None:  # the port was open a moment ago: a firewall rejects it
-                    raise LaneError(f"the TLS lane to {self.address[0]}:{self.address[1]} "
-                                    f"was refused ({exc}): {FIREWALL_HINT}") from exc
+                    raise LaneUnreachableError(
+                        f"the TLS lane to {self.address[0]}:{self.address[1]} was refused "
+                        f"({exc}): {FIREWALL_HINT}") from exc
                 # The destination's lane port is gone: its lane ended (failed) or its agent.
                 raise LaneError(f"the destination closed the TLS lane ({exc}): the "
                                 f"destination agent's log says why") from exc
@@ -194,7 +212,8 @@ class Dialer(ConnectionSource):
                 self.closed.wait(0.2)
         if self.closed.is_set():
             raise LaneClosedError("the lane was closed")
-        raise LaneError(f"cannot {'open' if broken is None else 'reconnect'} the TLS lane to "
+        error = LaneError if broken is not None else LaneUnreachableError
+        raise error(f"cannot {'open' if broken is None else 'reconnect'} the TLS lane to "
                         f"{self.address[0]}:{self.address[1]} within "
                         f"{self.wait_s(broken):g} s ({last}): {FIREWALL_HINT}")
 
@@ -221,6 +240,7 @@ class Slot(ConnectionSource):
     def __init__(self, kind: bytes) -> None:
         super().__init__(kind)
         self.arrivals: queue.Queue[ssl.SSLSocket] = queue.Queue()
+        self.arrived = threading.Event()  # a first connection has come (or the slot closed)
 
     def hand_over(self, conn: ssl.SSLSocket) -> bool:
         """From the acceptor: a new connection replaces the current one, which is shut so a
@@ -231,6 +251,7 @@ class Slot(ConnectionSource):
         # Read before the hand-over: once queued, the pump may take the new one as current.
         replaced = self.current
         self.arrivals.put(conn)
+        self.arrived.set()
         if replaced is not None:
             _force_shut(replaced)
         return True
@@ -254,6 +275,7 @@ class Slot(ConnectionSource):
 
     def close(self) -> None:
         super().close()
+        self.arrived.set()  # wakes wait_for_source
         while True:
             try:
                 self.arrivals.get_nowait().close()
@@ -439,6 +461,16 @@ class TlsLaneListener:
             raise
         return kind, conn
 
+    def wait_for_source(self, timeout: float) -> bool:
+        """Block until the source has made its first connection of both kinds (True), the
+        lane was closed, or ``timeout`` passed (False). The destination commits its QEMU
+        to the lane only then: until that moment the source may still decline it."""
+        deadline = time.monotonic() + timeout
+        for slot in self.slots.values():
+            if not slot.arrived.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return not any(slot.closed.is_set() for slot in self.slots.values())
+
     def close(self) -> None:
         _force_shut(self._sock)
         self._sock.close()
@@ -459,6 +491,20 @@ class LaneResult:
     def record(self) -> dict[str, int | str]:
         return {"lane": "tls", "reconnects": self.sent.reconnects + self.received.reconnects,
                 "resent_bytes": self.sent.resent}
+
+
+async def open_tls_lane(outgoing: Dialer, incoming: Dialer) -> None:
+    """Source: make both first connections, or close both dialers and raise (a
+    :class:`LaneUnreachableError` if the network did not let a connection through)."""
+    try:
+        for dialer in (outgoing, incoming):
+            await asyncio.to_thread(dialer.open_first, time.monotonic() + ACCEPT_TIMEOUT)
+    except BaseException:
+        for dialer in (outgoing, incoming):
+            dialer.close()
+            if dialer.current is not None:
+                dialer.current.close()
+        raise
 
 
 async def run_tls_lane(qemu: socket.socket, outgoing: ConnectionSource,

@@ -97,7 +97,10 @@ class GuestVM:
         self.stderr_path = workdir / f"{name}.stderr"
         self.argv: list[str] = [
             str(self.binary.path), *self.binary.extra_args,
-            "-name", name, "-machine", f"{machine},accel=tcg", "-m", str(memory_mib),
+            # debug-threads names QEMU's threads in /proc ("CPU 0/TCG", "mig/src/main"...),
+            # which perf and per-thread CPU timelines show.
+            "-name", f"{name},debug-threads=on", "-machine", f"{machine},accel=tcg",
+            "-m", str(memory_mib),
             "-nodefaults", "-display", "none", "-no-user-config",
             "-serial", f"file:{self.serial_path}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",

@@ -27,6 +27,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,6 +247,8 @@ def main() -> int:
     parser.add_argument("--perf", type=Path, default=None, metavar="DIR")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args()
+    if args.perf is not None and shutil.which("perf") is None:
+        parser.error("--perf needs perf(1): apt-get install linux-perf")
     kinds = args.runs.split(",")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:

@@ -173,18 +173,18 @@ class Dialer(ConnectionSource):
                  context: ssl.SSLContext, peer: str) -> None:
         super().__init__(kind)
         self.address, self.token, self.context, self.peer = address, token, context, peer
-        self._opened: ssl.SSLSocket | None = None
+        self._opened_first = False  # open_first made self.current: the pump's first one
 
     def open_first(self, deadline: float) -> None:
         """Make the first connection now (before QEMU's socket is handed to the lane), so
         that a lane the network does not let through (:class:`LaneUnreachableError`) can
         be declined while the session can still carry the stream."""
-        self._opened = self.get(None, deadline)
+        self.get(None, deadline)
+        self._opened_first = True
 
     def get(self, broken: BaseException | None, deadline: float) -> ssl.SSLSocket:
-        if broken is None and self._opened is not None:
-            self._opened = None  # made by open_first: the pump's first connection
-            assert self.current is not None
+        if broken is None and self._opened_first and self.current is not None:
+            self._opened_first = False
             return self.current
         if self.current is not None:
             self.current.close()

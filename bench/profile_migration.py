@@ -1,10 +1,11 @@
-"""Where the CPU goes during one LAN migration: per-thread CPU seconds of both QEMUs and both
-agents, sampled from /proc, for plain QEMU direct and dwcp's passthrough paths on one bed.
+"""Where the CPU goes during one migration: per-thread CPU seconds of both QEMUs, both agents
+and the WAN emulator, sampled from /proc, for plain QEMU and dwcp's data paths on one bed.
 
 Usage (as root, after scripts/setup.sh):
 
-    .venv/bin/python bench/profile_migration.py [--write-doc] [--runs plain,tls,session,direct]
-        [--repeats 2] [--memory 1024] [--working-set 512] [--dirty 8] [--perf DIR]
+    .venv/bin/python bench/profile_migration.py [--write-doc] [--link lan|wan]
+        [--runs plain,tls,session,direct] [--repeats 2] [--memory 1024] [--working-set 512]
+        [--dirty 8] [--perf DIR]
 
 Why: the LAN benchmark (bench_migration.py) shows dwcp's relay far slower than plain QEMU
 direct, and its agent CPU alone does not explain by how much. This splits every CPU second
@@ -12,10 +13,12 @@ of the migration window (``migrate`` to the destination's MIGRATION completed ev
 the guest's vCPU thread (TCG: it runs as long as it is scheduled), the source QEMU's other
 threads (its migration thread), the destination QEMU's main thread (it loads the stream),
 the destination's other threads, each agent (process totals: they include threads that
-ended in the window), and what the machine left idle. ``--perf DIR`` also records
+ended in the window), the WAN emulator (``--link wan``: 50 ms RTT, 1 Gbit/s, the bench's WAN)
+and what the machine left idle. ``--perf DIR`` also records
 ``perf record -a`` of each window into DIR, for ``perf report --sort comm,dso,sym``.
 
-The runs share one bed and alternate (``--runs`` in order, ``--repeats`` times), so that a
+The runs share one bed and alternate (``--runs`` in order, ``--repeats`` times; on the LAN
+plain,tls,session,direct by default, on the WAN plain,multifd,dwcp), so that a
 slow phase of the machine hits each kind alike. Every run is printed, not a median: this is a
 profile, not a benchmark; bench_migration.py gives the times.
 """
@@ -44,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from dwcp_migrate.testbed.agents import TestAgent  # noqa: E402
 from dwcp_migrate.testbed.bed import TestBed  # noqa: E402
 from dwcp_migrate.testbed.benchdoc import write_section  # noqa: E402
-from dwcp_migrate.testbed.compare import UNTHROTTLED  # noqa: E402
+from dwcp_migrate.testbed.compare import PLAIN_MULTIFD, UNTHROTTLED  # noqa: E402
 from dwcp_migrate.testbed.guests import WorkloadSpec  # noqa: E402
 from dwcp_migrate.testbed.netns import TcpSettings  # noqa: E402
 from dwcp_migrate.testbed.scenario import (  # noqa: E402
@@ -53,17 +56,23 @@ from dwcp_migrate.testbed.scenario import (  # noqa: E402
     agent_migration,
     plain_migration,
 )
+from dwcp_migrate.testbed.wan import WanSpec  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 SAMPLE_S = 0.02
+# kind -> (label, agent settings; None for plain QEMU)
 KINDS: Mapping[str, tuple[str, dict[str, Any] | None]] = {
     "plain": ("plain QEMU direct", None),
+    "multifd": ("plain QEMU multifd 4 + zstd", None),
     "tls": ("dwcp, TLS lane (default)", {}),
+    "dwcp": ("dwcp, default settings (WAN: encoded)", {}),  # the same as tls, named for a WAN
     "session": ("dwcp, through the session", {"transport": {"tls_lane": False}}),
     "direct": ("dwcp, direct lane (plaintext)", {"transport": {"direct_lane": True}}),
 }
+DEFAULT_RUNS = {"lan": "plain,tls,session,direct", "wan": "plain,multifd,dwcp"}
+WAN = WanSpec.from_rtt(rtt_ms=50, rate_mbit=1000)
 COLUMNS = ("guest vCPU", "src QEMU other", "dst QEMU main", "dst QEMU other", "src agent",
-           "dst agent", "idle")
+           "dst agent", "WAN emulator", "idle")
 NOT_WORK = ("guest vCPU", "idle", "window", "huge pages")
 
 
@@ -157,6 +166,7 @@ class Sampler:
             "dst QEMU other": proc("qemu:dst") - dst_main,
             "src agent": proc("agent:a"),
             "dst agent": proc("agent:b"),
+            "WAN emulator": proc("wanlink"),
             "idle": (last.idle - first.idle) / TICK,
             "huge pages": last.huge_faults - first.huge_faults,
             "window": last.at - first.at,
@@ -171,13 +181,13 @@ class Profile:
 
 
 @contextlib.contextmanager
-def _perf(directory: Path | None, name: str) -> Iterator[None]:
+def _perf(directory: Path | None, name: str, graph: bool) -> Iterator[None]:
     if directory is None:
         yield
         return
     directory.mkdir(parents=True, exist_ok=True)
-    recorder = subprocess.Popen(["perf", "record", "-a", "-F", "999", "-o",
-                                 str(directory / f"{name}.data")],
+    recorder = subprocess.Popen(["perf", "record", "-a", "-F", "999", *(["-g"] if graph else []),
+                                 "-o", str(directory / f"{name}.data")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -186,25 +196,28 @@ def _perf(directory: Path | None, name: str) -> Iterator[None]:
         recorder.wait(30)
 
 
-def profile_one(bed: TestBed, sampler: Sampler, setup: GuestSetup, kind: str, n: int,
-                perf_dir: Path | None) -> Profile:
+def profile_one(bed: TestBed, sampler: Sampler, setup: GuestSetup, link: str, kind: str,
+                n: int, perf_dir: Path | None, perf_graph: bool) -> Profile:
     started: list[float] = []
     perf: contextlib.ExitStack = contextlib.ExitStack()
 
     def on_progress(info: Mapping[str, Any]) -> None:
         if not started:  # the first call comes right after ``migrate`` was issued
             started.append(time.time())
-            perf.enter_context(_perf(perf_dir, f"{n:02d}-{kind}"))
+            perf.enter_context(_perf(perf_dir, f"{n:02d}-{kind}", perf_graph))
         if info.get("status") == "completed":
             perf.close()
 
     label, settings = KINDS[kind]
     with perf:
         if settings is None:
-            result = plain_migration(bed, setup, link="lan", parameters=UNTHROTTLED,
-                                     timeout_s=120, label=label, on_progress=on_progress)
+            config = PLAIN_MULTIFD if kind == "multifd" else None
+            result = plain_migration(
+                bed, setup, link=link, timeout_s=120, label=label, on_progress=on_progress,
+                capabilities=config.capabilities if config else None,
+                parameters={**UNTHROTTLED, **(config.parameters if config else {})})
         else:
-            agents = {h: TestAgent(bed, h, link="lan", settings=settings) for h in ("a", "b")}
+            agents = {h: TestAgent(bed, h, link=link, settings=settings) for h in ("a", "b")}
             for host, agent in agents.items():
                 agent.start()
                 sampler.watched[agent.process.pid] = f"agent:{host}"
@@ -239,41 +252,52 @@ def format_profiles(profiles: list[Profile]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", default="plain,tls,session,direct")
+    parser.add_argument("--link", choices=sorted(DEFAULT_RUNS), default="lan")
+    parser.add_argument("--runs", default=None, help="default: " + "; ".join(
+        f"{link}: {runs}" for link, runs in DEFAULT_RUNS.items()))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory", type=int, default=1024)
     parser.add_argument("--working-set", type=int, default=512)
     parser.add_argument("--dirty", type=float, default=8)
     parser.add_argument("--perf", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--perf-graph", action="store_true",
+                        help="with --perf: record call graphs too (perf record -g)")
     parser.add_argument("--write-doc", action="store_true")
     args = parser.parse_args()
     if args.perf is not None and shutil.which("perf") is None:
         parser.error("--perf needs perf(1): apt-get install linux-perf")
-    kinds = args.runs.split(",")
+    runs = args.runs or DEFAULT_RUNS[args.link]
+    kinds = runs.split(",")
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown run {unknown[0]!r}: choose from {', '.join(KINDS)}")
     setup = GuestSetup("baremetal", args.memory, WorkloadSpec(
         working_set_mib=args.working_set, dirty_mib_per_s=args.dirty))
     profiles: list[Profile] = []
-    with Sampler() as sampler, TestBed(("a", "b"), tcp=TcpSettings.stock()) as bed:
+    wan = WAN if args.link == "wan" else None
+    with Sampler() as sampler, TestBed(("a", "b"), wan=wan, tcp=TcpSettings.stock()) as bed:
+        if bed.wan is not None and bed.wan.pid is not None:
+            sampler.watched[bed.wan.pid] = "wanlink"
         for _ in range(args.repeats):
             for kind in kinds:
                 print(f"{KINDS[kind][0]}: booting the guest, then migrating...", flush=True)
-                profiles.append(profile_one(bed, sampler, setup, kind, len(profiles),
-                                            args.perf))
+                profiles.append(profile_one(bed, sampler, setup, args.link, kind,
+                                            len(profiles), args.perf, args.perf_graph))
                 print(format_profiles(profiles[-1:]).splitlines()[-1], flush=True)
     table = format_profiles(profiles)
     print(table)
     if args.write_doc:
         cmd = "sudo .venv/bin/python bench/profile_migration.py --write-doc" + \
-            ("" if args.runs == "plain,tls,session,direct" else f" --runs {args.runs}") + \
+            ("" if args.link == "lan" else f" --link {args.link}") + \
+            ("" if runs == DEFAULT_RUNS[args.link] else f" --runs {runs}") + \
             ("" if args.repeats == 2 else f" --repeats {args.repeats}")
-        write_section("profile_migration", (
-            "## Where the CPU goes in a LAN migration (bench/profile_migration.py)\n\n"
+        where = "LAN" if args.link == "lan" else "WAN (50 ms RTT, 1 Gbit/s)"
+        section = "profile_migration" + ("" if args.link == "lan" else f"_{args.link}")
+        write_section(section, (
+            f"## Where the CPU goes in a {where} migration (bench/profile_migration.py)\n\n"
             f"Command: `{cmd}`  \n"
             f"Measured {datetime.date.today()} on {platform.node()}, {os.cpu_count()} CPUs, "
-            f"one LAN bed, the runs alternating; bare-metal test guest {args.memory} MiB, "
+            f"one {where} bed, the runs alternating; bare-metal test guest {args.memory} MiB, "
             f"{args.working_set} MiB working set dirtying {args.dirty:g} MiB/s. CPU seconds "
             "in the migration window (`migrate` to the destination's MIGRATION completed "
             f"event), sampled from /proc every {SAMPLE_S * 1000:.0f} ms. 'migration work' "

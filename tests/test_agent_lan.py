@@ -81,20 +81,23 @@ def test_tls_lane_refused_by_the_destination_falls_back_to_the_session(
     assert "offers no tls lane" in outcome.source_log
 
 
-def test_tls_lane_behind_a_firewall_falls_back_to_the_session(
-        products: BuildProducts, leak_check: None) -> None:
+@pytest.mark.parametrize("lane", ["TLS", "direct"])
+def test_lane_behind_a_firewall_falls_back_to_the_session(
+        products: BuildProducts, leak_check: None, lane: str) -> None:
     """The destination's firewall rejects its lane port: the source declines the lane on the
     session (LANE_DECLINED), the session carries the channel, and both records say why."""
     port = 47_311
-    outcome = _migrate({"a": False, "b": False}, lane_ports=str(port),
-                       tls_lane={"a": True, "b": True}, reject_port=port)
+    direct = lane == "direct"
+    outcome = _migrate({"a": direct, "b": direct}, lane_ports=str(port),
+                       tls_lane={"a": not direct, "b": not direct}, reject_port=port)
     source, destination = outcome.source["transport"]["0"], \
         outcome.destination["transport"]["0"]
     assert "congestion_control" in source, outcome.source
-    assert f":{port} was refused" in source["lane_declined"], source
+    refused = f":{port}: refused" if direct else f":{port} was refused"
+    assert refused in source["lane_declined"], source
     assert destination["lane_declined"] == source["lane_declined"], destination
     assert "passthrough through the session instead" in outcome.source_log
-    assert "could not connect to the TLS lane" in outcome.destination_log
+    assert f"could not connect to the {lane} lane" in outcome.destination_log
 
 
 def test_lan_migration_passes_through_on_the_datacenter_settings(

@@ -1,5 +1,6 @@
-"""The direct lane's pieces on loopback: the token gate, and the spliced pumps carrying both
-directions to the end (half-closes passed on) or failing as a whole."""
+"""The direct lane's pieces on loopback: the token gate, the spliced pumps carrying both
+directions to the end (half-closes passed on) or failing as a whole, and the destination's
+wait for the source's connection or its decline (agent/lanes.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,18 @@ import threading
 import pytest
 
 from dwcp_migrate.agent import lane
-from dwcp_migrate.agent.lane import Counter, LaneError, LaneListener, connect_lane, run_lane
+from dwcp_migrate.agent.channel import ChannelProtocolError, MessageType, encode, encode_json
+from dwcp_migrate.agent.datapath import MessageStream
+from dwcp_migrate.agent.lane import (
+    Counter,
+    LaneError,
+    LaneListener,
+    LaneUnreachableError,
+    connect_lane,
+    run_lane,
+)
+from dwcp_migrate.agent.lanes import direct_lane_or_decline, lane_or_decline
+from dwcp_migrate.errors import MigrationError
 
 
 def test_token_gate() -> None:
@@ -161,3 +173,84 @@ def _write_until_refused(sock: socket.socket) -> bool:
     except OSError:
         return True
     return False
+
+
+def test_a_refused_lane_is_unreachable_and_declinable() -> None:
+    """Nothing listens on the port: LaneUnreachableError (the source may decline the lane and
+    use the session), saying which ports must be let through."""
+    with socket.socket() as probe:  # a port nobody listens on (bound, never listening)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+        async def main() -> None:
+            with pytest.raises(LaneUnreachableError,
+                               match=r"cannot open the direct lane .*refused.* must be "
+                                     r"reachable from here"):
+                await connect_lane("127.0.0.1", port, b"t" * lane.TOKEN_BYTES)
+
+        asyncio.run(main())
+
+
+class _Session:
+    """What MessageStream reads from: messages scripted in advance, or nothing, ever."""
+
+    def __init__(self, data: list[bytes]) -> None:
+        self.data = data
+
+    async def recv_view(self, max_bytes: int | None = None) -> bytes:
+        if not self.data:
+            await asyncio.Event().wait()  # silent until cancelled
+        return self.data.pop(0)
+
+
+def _stream(*messages: list[bytes]) -> MessageStream:
+    return MessageStream(_Session([b"".join(m) for m in messages]), "a")  # type: ignore[arg-type]
+
+
+def test_lane_or_decline() -> None:
+    async def connects(after: float, result: str = "lane") -> str:
+        await asyncio.sleep(after)
+        return result
+
+    async def main() -> None:
+        # the source connects: its connection, no reason
+        assert await lane_or_decline(connects(0), _stream(), "direct lane") == ("lane", None)
+        # the source declines first: no connection, its reason; the waiting is cancelled
+        waiting = asyncio.ensure_future(connects(30))
+        assert await lane_or_decline(waiting, _stream(encode_json(
+            MessageType.LANE_DECLINED, {"why": "refused"})), "direct lane") == (None, "refused")
+        await asyncio.sleep(0)
+        assert waiting.cancelled()
+        # anything else on the session instead is a protocol error, a closed session an error
+        with pytest.raises(ChannelProtocolError, match="sent RAW instead of connecting to "
+                                                       "the direct lane"):
+            await lane_or_decline(connects(30), _stream(encode(MessageType.RAW, b"x")),
+                                  "direct lane")
+        with pytest.raises(MigrationError, match="closed the session instead of connecting"):
+            await lane_or_decline(connects(30), _stream([b""]), "TLS lane")
+        # the connection's own failure (a timeout, a wrong token) is raised as it is
+        listener = LaneListener("127.0.0.1")
+        with pytest.raises(LaneError, match=r"did not open the direct lane within 0\.1 s"):
+            await lane_or_decline(listener.accept(0.1), _stream(), "direct lane")
+
+    asyncio.run(main())
+
+
+def test_direct_lane_or_decline_closes_the_port_on_a_decline() -> None:
+    async def main() -> None:
+        listener = LaneListener("127.0.0.1")
+        lane_sock, why = await direct_lane_or_decline(listener, _stream(encode_json(
+            MessageType.LANE_DECLINED, {"why": "no answer within 5 s"})))
+        assert (lane_sock, why) == (None, "no answer within 5 s")
+        with pytest.raises(LaneUnreachableError):  # the port is closed: refused at once
+            await connect_lane("127.0.0.1", listener.port, listener.token)
+
+        listener = LaneListener("127.0.0.1")
+        connecting = asyncio.ensure_future(
+            connect_lane("127.0.0.1", listener.port, listener.token))
+        lane_sock, why = await direct_lane_or_decline(listener, _stream())
+        assert why is None and lane_sock is not None
+        lane_sock.close()
+        (await connecting).close()
+
+    asyncio.run(main())

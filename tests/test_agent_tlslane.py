@@ -17,13 +17,12 @@ from collections.abc import Callable
 import pytest
 
 from dwcp_migrate.agent import tlslane
-from dwcp_migrate.agent.lane import LaneError
+from dwcp_migrate.agent.lane import LaneError, LaneUnreachableError
 from dwcp_migrate.agent.tlslane import (
     FORWARD,
     RETURN,
     Dialer,
     LaneResult,
-    LaneUnreachableError,
     Retained,
     TlsLaneListener,
     open_tls_lane,

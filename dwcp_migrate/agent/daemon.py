@@ -22,7 +22,6 @@ from typing import Any
 from dwcp_migrate.agent.admin import AdminServer
 from dwcp_migrate.agent.channel import (
     PROTOCOL_VERSION,
-    ChannelProtocolError,
     MessageType,
     encode,
     encode_json,
@@ -38,23 +37,20 @@ from dwcp_migrate.agent.datapath import (
     run_pumps,
     session_to_qemu,
 )
-from dwcp_migrate.agent.lane import Counter as LaneCounter
-from dwcp_migrate.agent.lane import LaneError, LaneListener, connect_lane, run_lane
+from dwcp_migrate.agent.lane import LaneError, LaneListener, LaneUnreachableError
+from dwcp_migrate.agent.lanes import (
+    carry_on_direct_lane,
+    carry_on_tls_lane,
+    deliver_on_direct_lane,
+    deliver_on_tls_lane,
+    direct_lane_or_decline,
+    open_direct_lane,
+    tls_dialers,
+    tls_lane_or_decline,
+)
 from dwcp_migrate.agent.qemuio import QemuConnection, QemuListener, ReadAhead, connect_qemu
 from dwcp_migrate.agent.records import ChannelCounters, MigrationLog, MigrationRecord
-from dwcp_migrate.agent.tlslane import (
-    ACCEPT_TIMEOUT,
-    FIREWALL_HINT,
-    FORWARD,
-    HANDSHAKE_TIMEOUT,
-    RETURN,
-    Dialer,
-    LaneResult,
-    LaneUnreachableError,
-    TlsLaneListener,
-    open_tls_lane,
-    run_tls_lane,
-)
+from dwcp_migrate.agent.tlslane import TlsLaneListener, open_tls_lane
 from dwcp_migrate.errors import MigrationError
 from dwcp_migrate.pagecodec.memory import release_pool
 from dwcp_migrate.policies.mode import (
@@ -377,10 +373,14 @@ class Agent:
                          "transport.%s_lane is off): passthrough over the session",
                          mig.record.id, index, peer.name, want_lane, want_lane)
             declined: str | None = None
-            if offer and want_lane == "tls":
-                dialers = self._tls_dialers(peer, offer)
+            if offer:
                 try:
-                    await open_tls_lane(*dialers)
+                    if want_lane == "tls":
+                        assert self.config.security.tls is not None
+                        dialers = tls_dialers(self.config.security.tls, peer, offer)
+                        await open_tls_lane(*dialers)
+                    else:
+                        direct = await open_direct_lane(peer, offer)
                 except LaneUnreachableError as exc:  # nothing sent on it: the session can
                     declined = str(exc)
                     log.warning("migration %s channel %d: %s; passthrough through the "
@@ -388,17 +388,18 @@ class Agent:
                     for part in encode_json(MessageType.LANE_DECLINED, {"why": declined}):
                         counters.wire_bytes += len(part)
                         await session.send(part)
-                    offer = None
                 else:
-                    mig.record.transport[str(index)] = await self._carry_on_tls_lane(
-                        qemu, *dialers, head, counters)
+                    if want_lane == "tls":
+                        mig.record.transport[str(index)] = await carry_on_tls_lane(
+                            qemu, *dialers, head, counters)
+                    else:
+                        log.warning("direct lane to %s: passthrough bytes go unencrypted and "
+                                    "are checked only by TCP (transport.direct_lane is on)",
+                                    peer.name)
+                        await carry_on_direct_lane(qemu, direct, head, counters)
+                        mig.record.transport[str(index)] = {"lane": "direct"}
                     await session.close()
                     return
-            if offer:
-                await self._carry_on_lane(qemu, peer, offer, head, counters)
-                mig.record.transport[str(index)] = {"lane": "direct"}
-                await session.close()
-                return
             credit = None
             if encoder is not None and reply.json().get("delivery_credit") is True:
                 credit = DeliveryCredit(peer.name, min_rtt=lambda: session.core.min_rtt)
@@ -442,28 +443,6 @@ class Agent:
                 if self._outgoing.get(peer.name) is mig:
                     del self._outgoing[peer.name]
 
-    async def _carry_on_lane(self, qemu: QemuConnection, peer: PeerConfig, offer: Any,
-                             head: list[bytes | memoryview], counters: ChannelCounters
-                             ) -> None:
-        """Source: the stream over the direct lane the destination offered (agent/lane.py)."""
-        try:
-            port, token = int(offer["port"]), bytes.fromhex(str(offer["token"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MigrationError(f"agent {peer.name} offered a malformed direct lane: "
-                                 f"{exc!r}") from exc
-        lane = await connect_lane(peer.host, port, token)
-        log.warning("direct lane to %s (%s:%d): passthrough bytes go unencrypted and are "
-                    "checked only by TCP (transport.direct_lane is on)", peer.name, peer.host,
-                    port)
-        sock, unread = qemu.detach()
-        up, down = LaneCounter(), LaneCounter()
-        try:
-            await run_lane(sock, lane, to_lane=up, from_lane=down, head=[*head, *unread])
-        finally:
-            counters.bytes_from_qemu += up.bytes
-            counters.return_bytes += down.bytes
-            counters.wire_bytes += up.bytes + down.bytes
-
     def _lane_for(self, mode: str) -> str | None:
         """Which lane a passthrough channel asks the destination for, if any."""
         if mode != "passthrough":
@@ -473,61 +452,6 @@ class Agent:
         if self.config.transport.tls_lane and self.config.security.tls is not None:
             return "tls"
         return None
-
-    def _tls_dialers(self, peer: PeerConfig, offer: Any) -> tuple[Dialer, Dialer]:
-        """Source: the connections to the TLS lane the destination offered."""
-        assert self.config.security.tls is not None
-        try:
-            port, token = int(offer["port"]), bytes.fromhex(str(offer["token"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MigrationError(f"agent {peer.name} offered a malformed TLS lane: "
-                                 f"{exc!r}") from exc
-        context = self.config.security.tls.client_context()
-        address = (peer.host, port)
-        return (Dialer(FORWARD, address, token, context, peer.name),
-                Dialer(RETURN, address, token, context, peer.name))
-
-    async def _carry_on_tls_lane(self, qemu: QemuConnection, outgoing: Dialer,
-                                 incoming: Dialer, head: list[bytes | memoryview],
-                                 counters: ChannelCounters) -> dict[str, Any]:
-        """Source: the stream over the TLS lane (agent/tlslane.py), its connections open."""
-        sock, unread = qemu.detach()
-        result = LaneResult()
-        try:
-            await run_tls_lane(sock, outgoing, incoming, result, head=[*head, *unread])
-        finally:
-            counters.bytes_from_qemu += result.sent.bytes
-            counters.return_bytes += result.received.bytes
-            counters.wire_bytes += result.payload_bytes()
-        return result.record()
-
-    async def _deliver_on_tls_lane(self, listener: TlsLaneListener, qemu: QemuConnection,
-                                   counters: ChannelCounters) -> dict[str, Any]:
-        """Destination: the stream from the TLS lane into QEMU, QEMU's answers back."""
-        sock, unread = qemu.detach()
-        result = LaneResult()
-        try:
-            await run_tls_lane(sock, listener.slots[RETURN], listener.slots[FORWARD], result,
-                               head=unread)
-        finally:
-            listener.close()  # a source trying to reconnect now is refused at once
-            counters.bytes_to_qemu += result.received.bytes
-            counters.return_bytes += result.sent.bytes
-            counters.wire_bytes += result.payload_bytes()
-        return result.record()
-
-    async def _deliver_on_lane(self, listener: LaneListener, qemu: QemuConnection,
-                               counters: ChannelCounters) -> None:
-        """Destination: the stream from the direct lane into QEMU, QEMU's answers back."""
-        lane = await listener.accept()
-        sock, unread = qemu.detach()
-        up, down = LaneCounter(), LaneCounter()
-        try:
-            await run_lane(sock, lane, to_lane=up, from_lane=down, head=unread)
-        finally:
-            counters.bytes_to_qemu += down.bytes
-            counters.return_bytes += up.bytes
-            counters.wire_bytes += up.bytes + down.bytes
 
     # ---- destination side -----------------------------------------------------------------
     async def _accept_sessions(self) -> None:
@@ -630,22 +554,26 @@ class Agent:
             for part in encode_json(MessageType.ACCEPT, accept):
                 counters.wire_bytes += len(part)
                 await session.send(part)
-            if listener is not None:
-                await self._deliver_on_lane(listener, qemu, counters)
-                await session.close()
-                return
             declined: str | None = None
+            if listener is not None:
+                lane, declined = await direct_lane_or_decline(listener, messages)
+                if lane is not None:
+                    await deliver_on_direct_lane(lane, qemu, counters)
+                    await session.close()
+                    return
             if tls_listener is not None:
-                declined = await _source_takes_lane(tls_listener, messages)
+                declined = await tls_lane_or_decline(tls_listener, messages)
                 if declined is None:
-                    mig.record.transport[str(index)] = await self._deliver_on_tls_lane(
+                    mig.record.transport[str(index)] = await deliver_on_tls_lane(
                         tls_listener, qemu, counters)
                     await session.close()
                     return
                 tls_listener.close()
+            if declined is not None:
                 log.warning("migration %s channel %d: the source agent could not connect to "
-                            "the TLS lane (%s); passthrough through the session instead",
-                            request.get("migration"), index, declined)
+                            "the %s lane (%s); passthrough through the session instead",
+                            request.get("migration"), index,
+                            "TLS" if tls_listener is not None else "direct", declined)
             window = request.get("relay_window")
             if isinstance(window, int) and window > 0:  # absent: an older source agent
                 session.set_recv_window(window)
@@ -686,34 +614,6 @@ class Agent:
             if mig.open_channels == 0:
                 self._finish(mig.record, "; ".join(mig.errors) or None)
                 self._incoming.pop(mig.record.id, None)
-
-
-async def _source_takes_lane(listener: TlsLaneListener, messages: MessageStream) -> str | None:
-    """Destination, after offering a TLS lane: None once the source has connected both of
-    its connections; the source's reason if it declined the lane on the session instead
-    (it could not connect: then the session carries the stream)."""
-    # The source tries each of its two connections for up to ACCEPT_TIMEOUT, then declines.
-    connected = asyncio.ensure_future(asyncio.to_thread(
-        listener.wait_for_source, 2 * ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT))
-    said = asyncio.ensure_future(messages.next())
-    try:
-        await asyncio.wait((connected, said), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not said.done():
-            said.cancel()  # nothing is lost: a message is only taken off the session whole
-    if said.done() and not said.cancelled():
-        message = said.result()
-        if message is None:
-            raise MigrationError(f"agent {messages.peer} closed the session instead of "
-                                 "connecting to the TLS lane")
-        if message.type is not MessageType.LANE_DECLINED:
-            raise ChannelProtocolError(f"agent {messages.peer} sent {message.type.name} "
-                                       "instead of connecting to the TLS lane")
-        return str(message.json().get("why", "no reason given"))[:500]
-    if not await connected:
-        raise LaneError(f"the source agent did not open the TLS lane within "
-                        f"{2 * ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT:g} s: {FIREWALL_HINT}")
-    return None
 
 
 def _choose_transport(cfg: AgentConfig) -> tuple[str, str]:

@@ -67,6 +67,12 @@ class LaneError(MigrationError):
     """A lane (direct or TLS) could not be set up or broke."""
 
 
+class LaneUnreachableError(LaneError):
+    """The source could not make a first connection to the lane's port (refused, timed out,
+    unreachable): a firewall, most likely. Nothing has gone over the lane yet, so the agents
+    may carry the stream through their session instead (LANE_DECLINED, agent/lanes.py)."""
+
+
 def bind_lane_port(host: str, ports: tuple[int, int] | None) -> socket.socket:
     """A socket bound to a port of ``ports`` (tried from a random place on), or to an
     ephemeral port when None. Raises :class:`LaneError` when every port of the range is taken."""
@@ -117,11 +123,13 @@ class LaneListener:
         return (f"let ports {self.ports[0]}-{self.ports[1]} (transport.direct_lane_ports) "
                 f"through the firewall from the source")
 
-    async def accept(self) -> socket.socket:
-        """The connection that presents the token; anything else is closed and refused."""
+    async def accept(self, timeout: float | None = None) -> socket.socket:
+        """The connection that presents the token; anything else is closed and refused.
+        ``timeout``: LANE_ACCEPT_TIMEOUT when None."""
         loop = asyncio.get_running_loop()
+        timeout = LANE_ACCEPT_TIMEOUT if timeout is None else timeout
         try:
-            async with asyncio.timeout(LANE_ACCEPT_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 conn, peer = await loop.sock_accept(self._sock)
                 try:
                     got = b""
@@ -135,7 +143,7 @@ class LaneListener:
                     raise
         except TimeoutError:
             raise LaneError(f"the source agent did not open the direct lane within "
-                            f"{LANE_ACCEPT_TIMEOUT:g} s (port {self.port}): {self._where()}, "
+                            f"{timeout:g} s (port {self.port}): {self._where()}, "
                             f"or set transport.direct_lane: false") from None
         finally:
             self._sock.close()
@@ -149,21 +157,38 @@ class LaneListener:
         self._sock.close()
 
 
-async def connect_lane(host: str, port: int, token: bytes) -> socket.socket:
-    """Source: connect to the destination's lane port and present the token."""
+async def connect_lane(host: str, port: int, token: bytes,
+                       timeout: float | None = None) -> socket.socket:
+    """Source: connect to the destination's lane port and present the token. Raises
+    :class:`LaneUnreachableError` if the connection is refused or not answered within
+    ``timeout`` (LANE_ACCEPT_TIMEOUT when None; nothing has gone over the lane then),
+    :class:`LaneError` if it breaks after."""
     loop = asyncio.get_running_loop()
+    timeout = LANE_ACCEPT_TIMEOUT if timeout is None else timeout
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
+    hint = ("the destination's lane ports (transport.direct_lane_ports, else its ephemeral "
+            "ports) must be reachable from here; or set transport.direct_lane: false on "
+            "either agent")
     try:
         _guard(sock)
-        async with asyncio.timeout(LANE_ACCEPT_TIMEOUT):
-            await loop.sock_connect(sock, (host, port))
-            await loop.sock_sendall(sock, token)
-    except (OSError, TimeoutError) as exc:
-        sock.close()
-        raise LaneError(f"cannot open the direct lane to {host}:{port}: {exc} (the "
-                        f"destination's ephemeral ports must be reachable from here; or set "
-                        f"transport.direct_lane: false on either agent)") from exc
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_connect(sock, (host, port))
+        except TimeoutError as exc:
+            raise LaneUnreachableError(f"cannot open the direct lane to {host}:{port}: no "
+                                       f"answer within {timeout:g} s ({hint})") from exc
+        except OSError as exc:
+            why = "refused" if isinstance(exc, ConnectionRefusedError) else \
+                (exc.strerror or repr(exc))
+            raise LaneUnreachableError(f"cannot open the direct lane to {host}:{port}: "
+                                       f"{why} ({hint})") from exc
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.sock_sendall(sock, token)
+        except (OSError, TimeoutError) as exc:
+            raise LaneError(f"the direct lane to {host}:{port} broke as it opened: "
+                            f"{exc!r}") from exc
     except BaseException:
         sock.close()
         raise

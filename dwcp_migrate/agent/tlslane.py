@@ -49,7 +49,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dwcp_migrate.agent.lane import LaneError, _guard, bind_lane_port, widen_unix_buffer
+from dwcp_migrate.agent.lane import (
+    LaneError,
+    LaneUnreachableError,
+    _guard,
+    bind_lane_port,
+    widen_unix_buffer,
+)
 from dwcp_migrate.transports.tls import TlsConfig, explain, peer_names
 
 log = logging.getLogger(__name__)
@@ -132,12 +138,6 @@ class LaneStats:
     bytes: int = 0  # from QEMU sent (sending end) or written into QEMU (receiving end)
     reconnects: int = 0
     resent: int = 0  # bytes sent again after a reconnect
-
-
-class LaneUnreachableError(LaneError):
-    """The source could not make a first connection to the lane's port (refused, timed out,
-    unreachable): a firewall, most likely. Nothing has gone over the lane yet, so the agents
-    may carry the stream through their session instead (LANE_DECLINED)."""
 
 
 class LaneClosedError(LaneError):

@@ -149,6 +149,51 @@ def test_connections_opened_first_are_the_ones_used(pki: dict[str, TlsConfig]) -
     assert not ends.listener.refused
 
 
+def test_a_silent_connection_delays_nobody(pki: dict[str, TlsConfig],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections to the lane port that never speak (a port scanner, a half-open path) are
+    handshaken in threads of their own: the source's connections, made after them, are
+    admitted within the source's own wait. (Handshakes one at a time would hold the source's
+    behind the first silent one for the 60 s handshake timeout set here, and the source
+    would give up after its 5 s.)"""
+    monkeypatch.setattr(tlslane, "HANDSHAKE_TIMEOUT", 60.0)
+    ends = Ends(pki, open_first=True)
+    silent = [socket.create_connection(("127.0.0.1", ends.listener.port)) for _ in range(3)]
+    try:
+        forward, back = os.urandom(1 << 20), os.urandom(1000)
+        got_forward, got_back = _carry(ends, forward, back)  # opens first: open_tls_lane
+        assert got_forward == forward and got_back == back
+        # Closing the listener ended the silent ones' handshakes at once: refused.
+        deadline = time.monotonic() + 30
+        while len(ends.listener.refused) < len(silent):
+            assert time.monotonic() < deadline, ends.listener.refused
+            time.sleep(0.05)
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_handshakes_at_once_are_bounded(pki: dict[str, TlsConfig],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """More silent connections than MAX_HANDSHAKES: the surplus is closed at once (a flood
+    must not make the agent start a thread per connection)."""
+    monkeypatch.setattr(tlslane, "HANDSHAKE_TIMEOUT", 60.0)
+    monkeypatch.setattr(tlslane, "MAX_HANDSHAKES", 2)
+    listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
+    silent = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(listener.refused) < 2:
+            assert time.monotonic() < deadline, listener.refused
+            time.sleep(0.05)
+        assert all("2 connections are handshaking already" in r for r in listener.refused)
+        assert silent[3].recv(1) == b""  # closed by the listener
+    finally:
+        listener.close()
+        for sock in silent:
+            sock.close()
+
+
 def test_waiting_for_the_source_ends_on_timeout_and_on_close(pki: dict[str, TlsConfig]) -> None:
     listener = TlsLaneListener("127.0.0.1", pki["b"], source="a")
     try:

@@ -70,6 +70,9 @@ GATHER = 256 << 10  # records gathered for one write into QEMU, at most
 ACCEPT_TIMEOUT = 5.0  # the first connection of each kind
 RESUME_TIMEOUT = 10.0  # a replacement connection, from the break on
 HANDSHAKE_TIMEOUT = 5.0
+# Connections in their handshake at once on one lane port, each in a thread of its own: a
+# connection that never speaks (a port scanner, a half-open path) then delays nobody.
+MAX_HANDSHAKES = 8
 _COUNT = struct.Struct(">Q")
 FIREWALL_HINT = ("the destination's lane ports (transport.direct_lane_ports, else its ephemeral "
                  "ports) must be reachable from the source agent; or set "
@@ -241,20 +244,22 @@ class Slot(ConnectionSource):
         super().__init__(kind)
         self.arrivals: queue.Queue[ssl.SSLSocket] = queue.Queue()
         self.arrived = threading.Event()  # a first connection has come (or the slot closed)
+        self._handing = threading.Lock()  # handshakes finish in threads of their own
 
     def hand_over(self, conn: ssl.SSLSocket) -> bool:
         """From the acceptor: a new connection replaces the current one, which is shut so a
         pump blocked on it (a silently dead path) wakes up. False: this lane has ended."""
-        if self.closed.is_set():
-            conn.close()
-            return False
-        # Read before the hand-over: once queued, the pump may take the new one as current.
-        replaced = self.current
-        self.arrivals.put(conn)
-        self.arrived.set()
-        if replaced is not None:
-            _force_shut(replaced)
-        return True
+        with self._handing:
+            if self.closed.is_set():
+                conn.close()
+                return False
+            # Read before the hand-over: once queued, the pump may take the new one as current.
+            replaced = self.current
+            self.arrivals.put(conn)
+            self.arrived.set()
+            if replaced is not None:
+                _force_shut(replaced)
+            return True
 
     def get(self, broken: BaseException | None, deadline: float) -> ssl.SSLSocket:
         if self.current is not None:
@@ -415,6 +420,9 @@ class TlsLaneListener:
         self._context.num_tickets = 0  # no resumption tickets: nobody would use them
         self.slots = {FORWARD: Slot(FORWARD), RETURN: Slot(RETURN)}
         self.refused: list[str] = []
+        self._lock = threading.Lock()
+        self._handshaking: dict[int, socket.socket] = {}  # shut by close()
+        self._admitted = 0  # connections accepted so far (the keys above)
         self._thread = threading.Thread(target=self._accept_loop, name="dwcp-tlslane-accept",
                                         daemon=True)
         self._thread.start()
@@ -425,27 +433,51 @@ class TlsLaneListener:
                 raw, peer = self._sock.accept()
             except OSError:  # closed: the lane has ended
                 return
-            try:
-                kind, conn = self._admit(raw)
-            except Exception as exc:
+            with self._lock:
+                busy = len(self._handshaking) >= MAX_HANDSHAKES
+                if not busy:
+                    self._admitted += 1
+                    key = self._admitted
+                    self._handshaking[key] = raw
+            if busy:
                 raw.close()
-                self.refused.append(f"{peer[0]}:{peer[1]}: {exc}")
-                log.warning("TLS lane port %d: refused a connection from %s: %s", self.port,
-                            peer[0], exc)
+                self._refuse(peer, f"{MAX_HANDSHAKES} connections are handshaking already")
                 continue
-            if not self.slots[kind].hand_over(conn):
-                # The lane has ended here: the source's next attempt is refused at once.
-                self._sock.close()
-                return
+            threading.Thread(target=self._admit_one, args=(raw, peer, key), daemon=True,
+                             name="dwcp-tlslane-admit").start()
 
-    def _admit(self, raw: socket.socket) -> tuple[bytes, ssl.SSLSocket]:
+    def _refuse(self, peer: tuple[str, int], why: object) -> None:
+        self.refused.append(f"{peer[0]}:{peer[1]}: {why}")
+        log.warning("TLS lane port %d: refused a connection from %s: %s", self.port, peer[0],
+                    why)
+
+    def _admit_one(self, raw: socket.socket, peer: tuple[str, int], key: int) -> None:
+        try:
+            kind, conn = self._admit(raw, key)
+        except Exception as exc:
+            raw.close()
+            self._refuse(peer, exc)
+            return
+        finally:
+            with self._lock:
+                del self._handshaking[key]
+        if not self.slots[kind].hand_over(conn):
+            # The lane has ended here: the source's next attempt is refused at once.
+            _force_shut(self._sock)
+            self._sock.close()
+
+    def _admit(self, raw: socket.socket, key: int) -> tuple[bytes, ssl.SSLSocket]:
         _tune(raw)
         raw.settimeout(HANDSHAKE_TIMEOUT)
+        conn = self._context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False,
+                                         do_handshake_on_connect=False)
+        with self._lock:  # the descriptor moved to ``conn``: close() must shut that now
+            self._handshaking[key] = conn
         try:
-            conn = self._context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=False)
-        except ssl.SSLError as exc:
-            raise explain(exc, "the lane's client", side="server") from exc
-        try:
+            try:
+                conn.do_handshake()
+            except ssl.SSLError as exc:
+                raise explain(exc, "the lane's client", side="server") from exc
             names = peer_names(conn.getpeercert())
             if self.source not in names:
                 raise LaneError(f"its certificate is for {names}, not the source agent "
@@ -474,6 +506,9 @@ class TlsLaneListener:
     def close(self) -> None:
         _force_shut(self._sock)
         self._sock.close()
+        with self._lock:
+            for conn in self._handshaking.values():
+                _force_shut(conn)  # its handshake fails at once; its thread refuses it
         for slot in self.slots.values():
             slot.close()
 

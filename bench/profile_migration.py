@@ -18,9 +18,10 @@ and what the machine left idle. ``--perf DIR`` also records
 ``perf record -a`` of each window into DIR, for ``perf report --sort comm,dso,sym``.
 
 The runs share one bed and alternate (``--runs`` in order, ``--repeats`` times; on the LAN
-plain,tls,session,direct by default, on the WAN plain,multifd,dwcp), so that a
-slow phase of the machine hits each kind alike. Every run is printed, not a median: this is a
-profile, not a benchmark; bench_migration.py gives the times.
+plain,tls,session,direct by default, on the WAN plain,multifd,dwcp; ``lz4`` is dwcp with
+lz4 instead of zstd:1 on the WAN), so that a slow phase of the machine hits each kind alike.
+Every run is printed, not a median: this is a profile, not a benchmark; bench_migration.py
+gives the times.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ KINDS: Mapping[str, tuple[str, dict[str, Any] | None]] = {
     "multifd": ("plain QEMU multifd 4 + zstd", None),
     "tls": ("dwcp, TLS lane (default)", {}),
     "dwcp": ("dwcp, default settings (WAN: encoded)", {}),  # the same as tls, named for a WAN
+    "lz4": ("dwcp, lz4 on the WAN (codec.wan: lz4)", {"codec": {"wan": "lz4"}}),
     "session": ("dwcp, through the session", {"transport": {"tls_lane": False}}),
     "direct": ("dwcp, direct lane (plaintext)", {"transport": {"direct_lane": True}}),
 }

@@ -2,11 +2,14 @@
 stops reading from QEMU a window ahead of what the destination reported, flushes what the
 encoder holds back, and reads on when credit comes (or, never stalling a migration, when
 none comes for a while); the destination reports what it wrote into QEMU; a misbehaving
-peer's CREDIT is refused."""
+peer's CREDIT is refused. Also: what was read ahead during the handshake is let go once
+carried."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Callable
 
 import pytest
@@ -29,6 +32,7 @@ from dwcp_migrate.agent.datapath import (
     qemu_to_session,
     session_to_qemu,
 )
+from dwcp_migrate.agent.qemuio import ReadAhead
 from dwcp_migrate.agent.records import ChannelCounters
 
 MiB = 1 << 20
@@ -269,3 +273,33 @@ def test_serialized_sender_keeps_messages_whole() -> None:
 
     msgs = MessageReader().feed(asyncio.run(main()))
     assert [m.type for m in msgs] == [MessageType.RAW, MessageType.CREDIT] * 2
+
+
+@pytest.mark.parametrize("encoded", [True, False])
+def test_what_was_read_ahead_is_let_go_once_carried(encoded: bool) -> None:
+    """The chunks read during the handshake (ReadAhead) are views of QEMU's pooled receive
+    buffers; the pump must not keep them for the rest of the migration, or no buffer is ever
+    free again and every later read takes a fresh one."""
+    async def main() -> None:
+        ahead = ReadAhead(FakeViews(3 * MiB), limit=3 * MiB)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        head, eof = await ahead.stop()
+        assert len(head) == 3 and not eof and ahead.chunks == []
+        alive = [weakref.ref(chunk) for chunk in head]
+        out = Collector()
+        counters = ChannelCounters(0)
+        await qemu_to_session(FakeQemu(2 * MiB), out, counters,
+                              HoldingEncoder() if encoded else None, head=head)
+        assert head == []  # consumed: the caller's list no longer holds the views
+        gc.collect()
+        assert not any(ref() for ref in alive)
+        assert counters.bytes_from_qemu == 5 * MiB
+
+    asyncio.run(main())
+
+
+class FakeViews(FakeQemu):
+    """Reads are memoryviews (of a buffer each), as QemuConnection's are."""
+
+    async def read(self, max_bytes: int = MiB) -> memoryview:  # type: ignore[override]
+        return memoryview(bytearray(await super().read(max_bytes)))

@@ -155,7 +155,7 @@ async def _first_error(*coros: Coroutine[Any, Any, None]) -> None:
 async def qemu_to_session(reader: QemuReader, session: Sender,
                           counters: ChannelCounters, encoder: ChunkEncoder | None,
                           run_encoder: Executor | None = None, *,
-                          head: Sequence[bytes | memoryview] = (),
+                          head: list[bytes | memoryview] | None = None,
                           head_eof: bool = False,
                           credit: DeliveryCredit | None = None) -> None:
     """Source side upstream. Ends with an EOF message when QEMU closes its stream.
@@ -167,7 +167,11 @@ async def qemu_to_session(reader: QemuReader, session: Sender,
     message QEMU waits on an answer for (a return-path PING, the switchover handshake) would
     sit in a half-full batch forever.
 
-    ``head``: what was read from QEMU before (see qemuio.ReadAhead), carried first;
+    ``head``: what was read from QEMU before (see qemuio.ReadAhead), carried first and
+    consumed (emptied) on the way: its chunks are views of QEMU's pooled receive buffers, and
+    a buffer still viewed cannot be reused. (Kept for the whole migration, the up to 64 MiB
+    read during the handshake held every pooled buffer, and each later read from QEMU took a
+    fresh 1 MiB buffer: about a tenth of the source agent's time on the WAN, py-spy.)
     ``head_eof``: QEMU's stream ended there. ``credit`` (with an encoder only): read from
     QEMU only while less than its window ahead of what the destination reported delivered.
     """
@@ -178,8 +182,10 @@ async def qemu_to_session(reader: QemuReader, session: Sender,
             counters.wire_bytes += len(message)
             await session.send(message)
 
-        for parts in _gathered(head, RAW_MESSAGE_BYTES):
-            await send_raw(parts)
+        if head:
+            for parts in _gathered(head, RAW_MESSAGE_BYTES):
+                await send_raw(parts)
+            head.clear()
         # One message per frame's worth of what QEMU has written by now, header included:
         # fewer, fuller frames (per-frame work on both agents; see channel.encode_joined).
         while not head_eof and (parts := await reader.read_parts(RAW_MESSAGE_BYTES)):
@@ -191,9 +197,13 @@ async def qemu_to_session(reader: QemuReader, session: Sender,
     batches: asyncio.Queue[Any] = asyncio.Queue(maxsize=PIPELINE_DEPTH)
 
     async def read_stage() -> None:
-        for chunk in head:
-            counters.bytes_from_qemu += len(chunk)
-            await chunks.put(chunk)
+        if head:
+            head.reverse()
+            while head:
+                chunk = head.pop()
+                counters.bytes_from_qemu += len(chunk)
+                await chunks.put(chunk)
+                del chunk  # the queue's reference is the only one left
         if head_eof:
             await chunks.put(_END)
             return

@@ -290,8 +290,12 @@ class ReadAhead:
 
     async def stop(self) -> tuple[list[bytes | memoryview], bool]:
         """Stop reading; returns the chunks read and whether QEMU's stream had ended. A
-        read error of QEMU's connection is raised here."""
+        read error of QEMU's connection is raised here. The chunks are handed over, not
+        kept: they are views of the connection's pooled receive buffers, and a buffer goes
+        back into use only once no view of it is left (so the data path drops each chunk
+        as it has carried it)."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        return self.chunks, self.eof
+        chunks, self.chunks = self.chunks, []
+        return chunks, self.eof

@@ -163,11 +163,12 @@ def test_a_silent_connection_delays_nobody(pki: dict[str, TlsConfig],
         forward, back = os.urandom(1 << 20), os.urandom(1000)
         got_forward, got_back = _carry(ends, forward, back)  # opens first: open_tls_lane
         assert got_forward == forward and got_back == back
-        # Closing the listener ended the silent ones' handshakes at once: refused.
+        # Closing the listener ended the silent ones' handshakes at once, and says so.
         deadline = time.monotonic() + 30
         while len(ends.listener.refused) < len(silent):
             assert time.monotonic() < deadline, ends.listener.refused
             time.sleep(0.05)
+        assert all("the lane ended during its handshake" in r for r in ends.listener.refused)
     finally:
         for sock in silent:
             sock.close()

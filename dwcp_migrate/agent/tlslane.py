@@ -423,6 +423,7 @@ class TlsLaneListener:
         self._lock = threading.Lock()
         self._handshaking: dict[int, socket.socket] = {}  # shut by close()
         self._admitted = 0  # connections accepted so far (the keys above)
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, name="dwcp-tlslane-accept",
                                         daemon=True)
         self._thread.start()
@@ -447,9 +448,13 @@ class TlsLaneListener:
                              name="dwcp-tlslane-admit").start()
 
     def _refuse(self, peer: tuple[str, int], why: object) -> None:
+        if self._closed.is_set():  # shut by close(): nothing wrong with the connection
+            why = "the lane ended during its handshake"
+            log.info("TLS lane port %d: a connection from %s: %s", self.port, peer[0], why)
+        else:
+            log.warning("TLS lane port %d: refused a connection from %s: %s", self.port,
+                        peer[0], why)
         self.refused.append(f"{peer[0]}:{peer[1]}: {why}")
-        log.warning("TLS lane port %d: refused a connection from %s: %s", self.port, peer[0],
-                    why)
 
     def _admit_one(self, raw: socket.socket, peer: tuple[str, int], key: int) -> None:
         try:
@@ -504,6 +509,7 @@ class TlsLaneListener:
         return not any(slot.closed.is_set() for slot in self.slots.values())
 
     def close(self) -> None:
+        self._closed.set()
         _force_shut(self._sock)
         self._sock.close()
         with self._lock:

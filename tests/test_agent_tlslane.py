@@ -30,6 +30,7 @@ from dwcp_migrate.agent.tlslane import (
 )
 from dwcp_migrate.transports.certs import issue, load_or_make_ca
 from dwcp_migrate.transports.tls import TlsConfig
+from tests.cutting_proxy import CuttingProxy
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +77,22 @@ class Ends:
         self.results = (LaneResult(), LaneResult())
 
     def run(self) -> None:
+        # As the agents do: the source opens both connections before it hands QEMU's socket
+        # to the lane; the destination waits for them before it commits its QEMU.
+        async def source() -> None:
+            if self.open_first:
+                await open_tls_lane(self.out, self.back)
+            await run_tls_lane(self.src_agent, self.out, self.back, self.results[0])
+
+        async def destination() -> None:
+            if self.open_first:
+                assert await asyncio.to_thread(self.listener.wait_for_source, 5)
+            await run_tls_lane(self.dst_agent, self.listener.slots[RETURN],
+                               self.listener.slots[FORWARD], self.results[1])
+
         async def main() -> None:
             try:
-                if self.open_first:  # as the source agent does, before QEMU's socket
-                    await open_tls_lane(self.out, self.back)
-                    assert await asyncio.to_thread(self.listener.wait_for_source, 5)
-                await asyncio.gather(
-                    run_tls_lane(self.src_agent, self.out, self.back, self.results[0]),
-                    run_tls_lane(self.dst_agent, self.listener.slots[RETURN],
-                                 self.listener.slots[FORWARD], self.results[1]))
+                await asyncio.gather(source(), destination())
             finally:
                 self.listener.close()
         asyncio.run(main())
@@ -250,6 +258,30 @@ def test_reset_connections_are_replaced(pki: dict[str, TlsConfig]) -> None:
     source, destination = ends.results
     assert source.sent.reconnects >= 2, source
     assert destination.received.bytes == len(forward)
+
+
+# Client bytes of a lane connection: about 300 in the ClientHello, about 1000 more to the end
+# of the handshake (certificate, its proof, Finished), then the token; then the stream.
+@pytest.mark.parametrize("cut_after", [0, 200, 400, 600, 800, 1000, 1300, 1600, 64 << 10])
+def test_a_connection_reset_while_the_lane_opens_is_replaced(pki: dict[str, TlsConfig],
+                                                             cut_after: int) -> None:
+    """The source's first forward connection is reset at some point of its opening (in
+    TCP's, in TLS's handshake, in the greeting, in the first bytes of the stream): it is
+    made again, and the lane carries everything. A reset in TLS's handshake reads as an
+    EOF 'in violation of protocol'; it was taken for a refused certificate and failed the
+    migration."""
+    ends = Ends(pki, open_first=True)
+    proxy = CuttingProxy(("127.0.0.1", ends.listener.port), cut_after)
+    ends.out = Dialer(FORWARD, proxy.address, ends.listener.token, pki["a"].client_context(),
+                      "b")
+    try:
+        forward, back = os.urandom(4 << 20), os.urandom(10_000)
+        got_forward, got_back = _carry(ends, forward, back)
+    finally:
+        proxy.close()
+    assert proxy.cut_done
+    assert hashlib.sha256(got_forward).digest() == hashlib.sha256(forward).digest()
+    assert got_back == back
 
 
 def test_wrong_token_is_refused(pki: dict[str, TlsConfig],

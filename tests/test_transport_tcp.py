@@ -41,6 +41,7 @@ from dwcp_migrate.transports.tcp import (
 )
 from dwcp_migrate.transports.tcp_server import SessionServer
 from dwcp_migrate.transports.tls import TlsConfig, TransportSecurity
+from tests.cutting_proxy import CuttingProxy
 
 PLAIN = TransportSecurity(plaintext=True)
 MIB = 1 << 20
@@ -333,6 +334,35 @@ def test_tls_agent_name_must_match_its_certificate(pki: tuple[Path, Path],
     good, _ = pki
     exc = _tls_failure(_tls(good, "c"), _tls(good, "b"), "b", caplog)  # says "a", cert is c
     assert isinstance(exc, PeerError) and "certificate is for ['c']" in str(exc)
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+@pytest.mark.parametrize("cut_after", [0, 300, 600, 900, 1200, 1600, 4 << 10])
+def test_tls_connection_cut_while_it_opens_is_replaced(pki: tuple[Path, Path],
+                                                       cut_after: int, reset: bool) -> None:
+    """One of the session's first connections is reset at some point of its opening (TCP,
+    the TLS handshake, AMST's greeting): the session opens with the others and makes it
+    again. A reset in TLS's handshake reads as an EOF 'in violation of protocol'; it was
+    taken for a refused certificate and failed the session."""
+    good, _ = pki
+
+    async def main() -> CuttingProxy:
+        server = SessionServer(name="b", config=_config(_tls(good, "b")))
+        await server.start("127.0.0.1", 0)
+        proxy = CuttingProxy(("127.0.0.1", server.port), cut_after, reset=reset)
+        try:
+            client = await connect_session(proxy.address, 3, name="a", peer_name="b",
+                                           config=_config(_tls(good, "a")))
+            accepted = await server.accept()
+            results = await asyncio.gather(_pump(client, 8 * MIB, 1), _drain(accepted))
+            assert results[1] == (8 * MIB, results[0])
+            await asyncio.gather(client.close(), accepted.close())
+            return proxy
+        finally:
+            proxy.close()
+            await server.close()
+
+    assert _run(main()).cut_done
 
 
 # ---- adapting the connection count (pure policy) --------------------------------------------

@@ -64,7 +64,7 @@ from dwcp_migrate.transports.sockopts import (
     apply_before_connect,
     tcp_info,
 )
-from dwcp_migrate.transports.tls import TransportSecurity, explain
+from dwcp_migrate.transports.tls import TransportSecurity, cut_short, explain
 
 if TYPE_CHECKING:  # the acceptor (tcp_server) builds on this module
     from dwcp_migrate.transports.tcp_server import SessionServer
@@ -721,6 +721,9 @@ async def connect_session(address: tuple[str, int], n_streams: int = 8, *, name:
                 raise
         except ssl.SSLError as exc:
             sock.close()
+            if cut_short(exc):  # the network cut the handshake: another connection may do
+                raise ConnectError(f"the TLS handshake was cut short: {exc}",
+                                   peer=label) from exc
             raise explain(exc, f"{peer_name} ({label})", side="client") from exc
         except BaseException:
             sock.close()

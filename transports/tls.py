@@ -100,6 +100,13 @@ def peer_names(peercert: Mapping[str, Any] | None) -> list[str]:
     return [value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS"]
 
 
+def cut_short(exc: BaseException) -> bool:
+    """A TLS handshake that the network ended (an EOF or a socket error in its middle: a
+    reset, a middlebox, a listener with too many handshakes at once), not a refusal: a
+    refused certificate is a TLS alert or a verification error. Worth another connection."""
+    return isinstance(exc, ssl.SSLEOFError | ssl.SSLSyscallError)
+
+
 def explain(exc: BaseException, peer: str, *, side: str) -> TlsError:
     """A TlsError that names the peer and says what is wrong and what to check.
 

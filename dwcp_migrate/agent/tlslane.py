@@ -56,7 +56,7 @@ from dwcp_migrate.agent.lane import (
     bind_lane_port,
     widen_unix_buffer,
 )
-from dwcp_migrate.transports.tls import TlsConfig, explain, peer_names
+from dwcp_migrate.transports.tls import TlsConfig, cut_short, explain, peer_names
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,10 @@ class Dialer(ConnectionSource):
                 raise LaneError(f"the destination closed the TLS lane ({exc}): the "
                                 f"destination agent's log says why") from exc
             except ssl.SSLError as exc:
-                raise explain(exc, self.peer, side="client") from exc
+                if not cut_short(exc):  # a refused certificate: final
+                    raise explain(exc, self.peer, side="client") from exc
+                last = exc  # the network cut the handshake: as below
+                self.closed.wait(0.2)
             except OSError as exc:  # timeouts, unreachable: the network may come back
                 last = exc
                 self.closed.wait(0.2)

@@ -23,8 +23,9 @@ from dwcp_migrate.errors import DwcpError
 def cli(verbose: int) -> None:
     """dwcp-migrate: live migration of libvirt/QEMU guests, faster and with fewer bytes.
 
-    Today this holds the test bed (two or more local test hosts with an emulated WAN, test
-    guests that verify their memory) and the demo; the agent and its commands come next.
+    On a hypervisor: `agent` (the daemon), `migrate` and `status` (through the local agent),
+    `hooks`, `certs`, `config`. Offline: `stream` (QEMU migration streams). For trying it:
+    `testbed` (local test hosts with an emulated WAN) and `demo`.
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG),

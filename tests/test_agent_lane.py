@@ -5,6 +5,7 @@ wait for the source's connection or its decline (agent/lanes.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -240,7 +241,7 @@ def test_direct_lane_or_decline_closes_the_port_on_a_decline() -> None:
     async def main() -> None:
         listener = LaneListener("127.0.0.1")
         lane_sock, why = await direct_lane_or_decline(listener, _stream(encode_json(
-            MessageType.LANE_DECLINED, {"why": "no answer within 5 s"})))
+            MessageType.LANE_DECLINED, {"why": "no answer within 5 s"})), verdict=False)
         assert (lane_sock, why) == (None, "no answer within 5 s")
         with pytest.raises(LaneUnreachableError):  # the port is closed: refused at once
             await connect_lane("127.0.0.1", listener.port, listener.token)
@@ -248,9 +249,67 @@ def test_direct_lane_or_decline_closes_the_port_on_a_decline() -> None:
         listener = LaneListener("127.0.0.1")
         connecting = asyncio.ensure_future(
             connect_lane("127.0.0.1", listener.port, listener.token))
-        lane_sock, why = await direct_lane_or_decline(listener, _stream())
+        lane_sock, why = await direct_lane_or_decline(listener, _stream(), verdict=False)
         assert why is None and lane_sock is not None
         lane_sock.close()
         (await connecting).close()
+
+    asyncio.run(main())
+
+
+def test_lane_or_decline_by_the_source_verdict() -> None:
+    """Between agents that both know LANE_TAKEN, the source's word decides, not the arrival
+    of its connections."""
+    async def connects(after: float, result: object = "lane") -> object:
+        await asyncio.sleep(after)
+        return result
+
+    async def main() -> None:
+        taken = _stream(encode(MessageType.LANE_TAKEN))
+        assert await lane_or_decline(connects(0.05), taken, "TLS lane",
+                                     verdict=True) == ("lane", None)
+        # The narrow race: the connection arrived here, but the source had given up on it
+        # (its side timed out) and declined. The connection is closed, the session carries.
+        here, there = socket.socketpair()
+        arrived = asyncio.get_running_loop().create_future()
+        arrived.set_result(here)
+        assert await lane_or_decline(arrived, _stream(encode_json(
+            MessageType.LANE_DECLINED, {"why": "timed out"})), "direct lane",
+            verdict=True) == (None, "timed out")
+        assert here.fileno() == -1 and there.recv(1) == b""
+        there.close()
+        # No word within the wait: an error, and the waiting for connections stops.
+        waiting = asyncio.ensure_future(connects(30))
+        with pytest.raises(LaneError, match=r"neither took nor declined the TLS lane within "
+                                            r"0\.1 s"):
+            await lane_or_decline(waiting, _stream(), "TLS lane", verdict=True, wait=0.1)
+        await asyncio.sleep(0)
+        assert waiting.cancelled()
+        with pytest.raises(ChannelProtocolError, match="sent EOF instead of connecting"):
+            await lane_or_decline(connects(30), _stream(encode(MessageType.EOF)), "TLS lane",
+                                  verdict=True)
+        with pytest.raises(MigrationError, match="closed the session instead of connecting"):
+            await lane_or_decline(connects(30), _stream([b""]), "TLS lane", verdict=True)
+
+    asyncio.run(main())
+
+
+def test_direct_lane_declined_after_its_connection_is_closed() -> None:
+    """The source's connection got through, but the source declined the lane (its side gave
+    up on it first): the destination closes that connection and its port."""
+    async def main() -> None:
+        listener = LaneListener("127.0.0.1")
+        source_side = await connect_lane("127.0.0.1", listener.port, listener.token)
+        lane_sock, why = await direct_lane_or_decline(listener, _stream(encode_json(
+            MessageType.LANE_DECLINED, {"why": "timed out"})), verdict=True)
+        assert (lane_sock, why) == (None, "timed out")
+        source_side.setblocking(True)
+        source_side.settimeout(10)
+        # closed by the destination: taken and closed, or reset in the accept queue
+        with contextlib.suppress(ConnectionResetError):
+            assert source_side.recv(1) == b""
+        source_side.close()
+        with pytest.raises(LaneUnreachableError):  # and the port with it
+            await connect_lane("127.0.0.1", listener.port, listener.token)
 
     asyncio.run(main())

@@ -19,6 +19,11 @@ both directions; this protocol only adds message boundaries and meaning:
     LANE_DECLINED  source -> destination, JSON {"why": ...}: ACCEPT offered a TLS lane that
             the source could not connect to (a firewall); the session carries the stream,
             and the destination closes the lane's port
+    LANE_TAKEN  source -> destination, empty: the source has its lane connection(s) and
+            carries the stream on the lane. Sent only when OPEN and ACCEPT both said
+            ``"lane_verdict": true``; the destination then commits its QEMU to the lane on
+            this message alone, never on the connections' arrival (which a source that gave
+            up on them a moment before would follow with LANE_DECLINED)
 
 A message longer than ``MAX_MESSAGE`` or of an unknown type is a protocol error: the peer is
 misbehaving, and the channel is torn down with an error that says so.
@@ -53,6 +58,7 @@ class MessageType(enum.IntEnum):
     ABORT = 7
     CREDIT = 8
     LANE_DECLINED = 9
+    LANE_TAKEN = 10
 
 
 @dataclass(frozen=True)

@@ -348,7 +348,7 @@ class Agent:
                 "version": PROTOCOL_VERSION, "migration": mig.record.id, "channel": index,
                 "source": self.config.name, "target": peer.name, "mode": mode,
                 "codec": encoder.describe() if encoder is not None else None,
-                "lane": want_lane,
+                "lane": want_lane, "lane_verdict": want_lane is not None,
                 "relay_window": defaults_for(decision.mode).relay_window,
                 "delivery_credit": encoder is not None}
             for part in encode_json(MessageType.OPEN, open_msg):
@@ -389,6 +389,10 @@ class Agent:
                         counters.wire_bytes += len(part)
                         await session.send(part)
                 else:
+                    if reply.json().get("lane_verdict") is True:  # else an older agent
+                        for part in encode(MessageType.LANE_TAKEN):
+                            counters.wire_bytes += len(part)
+                            await session.send(part)
                     if want_lane == "tls":
                         mig.record.transport[str(index)] = await carry_on_tls_lane(
                             qemu, *dialers, head, counters)
@@ -530,7 +534,10 @@ class Agent:
             # Delivery credit (agent/credit.py) is for encoded data only: passthrough bytes
             # are bounded by the session's windows as they are.
             credit = request.get("delivery_credit") is True and decoder is not None
-            accept: dict[str, Any] = {"channel": index, "delivery_credit": credit}
+            # LANE_TAKEN (agent/lanes.py): absent from OPEN, an older source agent
+            verdict = request.get("lane_verdict") is True
+            accept: dict[str, Any] = {"channel": index, "delivery_credit": credit,
+                                      "lane_verdict": verdict}
             if (request.get("lane") == "direct" and request["mode"] == "passthrough"
                     and self.config.transport.direct_lane):
                 try:
@@ -556,13 +563,14 @@ class Agent:
                 await session.send(part)
             declined: str | None = None
             if listener is not None:
-                lane, declined = await direct_lane_or_decline(listener, messages)
+                lane, declined = await direct_lane_or_decline(listener, messages,
+                                                             verdict=verdict)
                 if lane is not None:
                     await deliver_on_direct_lane(lane, qemu, counters)
                     await session.close()
                     return
             if tls_listener is not None:
-                declined = await tls_lane_or_decline(tls_listener, messages)
+                declined = await tls_lane_or_decline(tls_listener, messages, verdict=verdict)
                 if declined is None:
                     mig.record.transport[str(index)] = await deliver_on_tls_lane(
                         tls_listener, qemu, counters)

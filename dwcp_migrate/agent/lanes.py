@@ -7,6 +7,12 @@ destination therefore waits for one of two things before it commits its QEMU to 
 the source's connection(s), or the decline (:func:`lane_or_decline`). A connection that
 does go through but then fails (TLS, token) is not declined: it fails the migration, the VM
 stays on the source.
+
+Between agents that both know it (``lane_verdict`` in OPEN and ACCEPT) the source also says
+LANE_TAKEN once it has its connections, and the destination waits for that verdict rather
+than for the connections: a source whose second connection timed out on its side just as the
+destination admitted it declines, and the destination, which has both connections then,
+would otherwise have committed its QEMU to a lane nobody feeds.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import socket
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from dwcp_migrate.agent.channel import ChannelProtocolError, MessageType
+from dwcp_migrate.agent.channel import ChannelProtocolError, Message, MessageType
 from dwcp_migrate.agent.config import PeerConfig
 from dwcp_migrate.agent.datapath import MessageStream
 from dwcp_migrate.agent.lane import (
@@ -109,13 +115,17 @@ async def carry_on_direct_lane(qemu: QemuConnection, lane: socket.socket,
 
 # ---- destination ----------------------------------------------------------------------------
 
-async def lane_or_decline(connecting: Awaitable[T], messages: MessageStream, what: str
+async def lane_or_decline(connecting: Awaitable[T], messages: MessageStream, what: str, *,
+                          verdict: bool = False, wait: float = TLS_LANE_WAIT
                           ) -> tuple[T | None, str | None]:
     """Destination, after offering a lane: ``(connecting's result, None)`` once the source
-    has connected; ``(None, reason)`` if it declined the lane on the session first (then
-    ``connecting`` is cancelled and the session carries the stream). Errors of
-    ``connecting`` (a timeout, a wrong token) are raised."""
+    has connected (with ``verdict``: once it said LANE_TAKEN, within ``wait`` seconds);
+    ``(None, reason)`` if it declined the lane on the session (then ``connecting`` is
+    cancelled and the session carries the stream). Errors of ``connecting`` (a timeout, a
+    wrong token) are raised."""
     connected = asyncio.ensure_future(connecting)
+    if verdict:
+        return await _by_verdict(connected, messages, what, wait)
     said = asyncio.ensure_future(messages.next())
     try:
         await asyncio.wait((connected, said), return_when=asyncio.FIRST_COMPLETED)
@@ -124,41 +134,69 @@ async def lane_or_decline(connecting: Awaitable[T], messages: MessageStream, wha
             said.cancel()  # nothing is lost: a message is only taken off the session whole
     if not (said.done() and not said.cancelled()):
         return await connected, None
+    _drop(connected)
+    return None, _declined(said.result(), messages, what)
+
+
+async def _by_verdict(connected: asyncio.Future[T], messages: MessageStream, what: str,
+                      wait: float) -> tuple[T | None, str | None]:
+    try:
+        async with asyncio.timeout(wait):
+            message = await messages.next()
+    except TimeoutError:
+        _drop(connected)
+        raise LaneError(f"the source agent neither took nor declined the {what} within "
+                        f"{wait:g} s") from None
+    except BaseException:
+        _drop(connected)
+        raise
+    if message is not None and message.type is MessageType.LANE_TAKEN:
+        return await connected, None
+    _drop(connected)
+    return None, _declined(message, messages, what)
+
+
+def _drop(connected: asyncio.Future[Any]) -> None:
+    """The lane is not used: stop waiting for it, or close what came."""
     if not connected.done():
         connected.cancel()  # accept() closes what it holds; wait_for_source ends on close
     elif not connected.cancelled() and connected.exception() is None:
         result = connected.result()  # a connection that made it after all: not used
         if isinstance(result, socket.socket):
             result.close()
-    message = said.result()
+
+
+def _declined(message: Message | None, messages: MessageStream, what: str) -> str:
+    """The source's reason for declining the lane, from its message on the session."""
     if message is None:
         raise MigrationError(f"agent {messages.peer} closed the session instead of "
                              f"connecting to the {what}")
     if message.type is not MessageType.LANE_DECLINED:
         raise ChannelProtocolError(f"agent {messages.peer} sent {message.type.name} "
                                    f"instead of connecting to the {what}")
-    return None, str(message.json().get("why", "no reason given"))[:500]
+    return str(message.json().get("why", "no reason given"))[:500]
 
 
-async def tls_lane_or_decline(listener: TlsLaneListener, messages: MessageStream
-                              ) -> str | None:
-    """Destination: None once the source has made both TLS lane connections; its reason if
-    it declined the lane instead."""
+async def tls_lane_or_decline(listener: TlsLaneListener, messages: MessageStream, *,
+                              verdict: bool) -> str | None:
+    """Destination: None once the source has made both TLS lane connections (and said so,
+    with ``verdict``); its reason if it declined the lane instead."""
     connected, declined = await lane_or_decline(
-        asyncio.to_thread(listener.wait_for_source, TLS_LANE_WAIT), messages, "TLS lane")
+        asyncio.to_thread(listener.wait_for_source, TLS_LANE_WAIT), messages, "TLS lane",
+        verdict=verdict, wait=TLS_LANE_WAIT)
     if declined is None and not connected:
         raise LaneError(f"the source agent did not open the TLS lane within "
                         f"{TLS_LANE_WAIT:g} s: {FIREWALL_HINT}")
     return declined
 
 
-async def direct_lane_or_decline(listener: LaneListener, messages: MessageStream
-                                 ) -> tuple[socket.socket | None, str | None]:
+async def direct_lane_or_decline(listener: LaneListener, messages: MessageStream, *,
+                                 verdict: bool) -> tuple[socket.socket | None, str | None]:
     """Destination: the source's direct lane connection (token checked), or its reason for
     declining the lane. The listening socket is closed either way."""
     try:
         return await lane_or_decline(listener.accept(DIRECT_LANE_WAIT), messages,
-                                     "direct lane")
+                                     "direct lane", verdict=verdict, wait=DIRECT_LANE_WAIT)
     finally:
         listener.close()
 

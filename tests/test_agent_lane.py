@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import struct
 import threading
+from pathlib import Path
 
 import pytest
 
 from dwcp_migrate.agent import lane
 from dwcp_migrate.agent.channel import ChannelProtocolError, MessageType, encode, encode_json
+from dwcp_migrate.agent.config import PeerConfig
 from dwcp_migrate.agent.datapath import MessageStream
 from dwcp_migrate.agent.lane import (
     Counter,
@@ -24,8 +27,9 @@ from dwcp_migrate.agent.lane import (
     connect_lane,
     run_lane,
 )
-from dwcp_migrate.agent.lanes import direct_lane_or_decline, lane_or_decline
+from dwcp_migrate.agent.lanes import direct_lane_or_decline, lane_or_decline, tls_dialers
 from dwcp_migrate.errors import MigrationError
+from dwcp_migrate.transports.tls import TlsConfig
 
 
 def test_token_gate() -> None:
@@ -313,3 +317,19 @@ def test_direct_lane_declined_after_its_connection_is_closed() -> None:
             await connect_lane("127.0.0.1", listener.port, listener.token)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("offer", "says"), [
+    ({"port": 70000, "token": "ab" * 32}, "on port 70000, which cannot be a TCP port"),
+    ({"port": 0, "token": "ab" * 32}, "on port 0, which cannot be a TCP port"),
+    ({"port": "443", "token": "ab" * 32}, "on port '443', which cannot be a TCP port"),
+    ({"port": 4000, "token": "ab"}, "with a token of 1 bytes, not 32"),
+    ({"port": 4000, "token": "xyz"}, "offered a malformed TLS lane"),
+    ({"token": "ab" * 32}, "offered a malformed TLS lane"),
+    ("not an object", "offered a malformed TLS lane"),
+])
+def test_a_misbehaving_lane_offer_is_refused_clearly(offer: object, says: str) -> None:
+    """What the destination offers is checked before anything is dialled."""
+    peer = PeerConfig(name="b", host="127.0.0.1", port=7480, libvirt_uri="")
+    with pytest.raises(MigrationError, match=re.escape(says)):
+        tls_dialers(TlsConfig(Path("c.pem"), Path("c.key"), Path("ca.pem")), peer, offer)

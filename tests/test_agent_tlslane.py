@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dwcp_migrate.agent import tlslane
+from dwcp_migrate.agent import lane, tlslane
 from dwcp_migrate.agent.lane import LaneError, LaneUnreachableError
 from dwcp_migrate.agent.tlslane import (
     FORWARD,
@@ -224,9 +224,9 @@ def test_a_silent_lane_port_is_unreachable(pki: dict[str, TlsConfig],
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        out = Dialer(FORWARD, silent.getsockname(), b"t" * tlslane.TOKEN_BYTES,
+        out = Dialer(FORWARD, silent.getsockname(), b"t" * lane.TOKEN_BYTES,
                      pki["a"].client_context(), "b")
-        back = Dialer(RETURN, silent.getsockname(), b"t" * tlslane.TOKEN_BYTES,
+        back = Dialer(RETURN, silent.getsockname(), b"t" * lane.TOKEN_BYTES,
                       pki["a"].client_context(), "b")
         with pytest.raises(LaneUnreachableError, match=r"cannot open the TLS lane .* within "
                                                        r"0\.6 s .*transport.tls_lane: false"):
@@ -287,7 +287,7 @@ def test_a_connection_reset_while_the_lane_opens_is_replaced(pki: dict[str, TlsC
 def test_wrong_token_is_refused(pki: dict[str, TlsConfig],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tlslane, "ACCEPT_TIMEOUT", 1.0)
-    ends = Ends(pki, token=b"x" * tlslane.TOKEN_BYTES)
+    ends = Ends(pki, token=b"x" * lane.TOKEN_BYTES)
     with pytest.raises(LaneError):
         _carry(ends, b"data", b"")
     assert any("did not present the lane's token" in r for r in ends.listener.refused)
@@ -361,7 +361,7 @@ def test_an_unreachable_lane_says_what_to_do(pki: dict[str, TlsConfig],
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))  # a port nobody listens on
         port = unused.getsockname()[1]
-        dialer = Dialer(FORWARD, ("127.0.0.1", port), b"t" * tlslane.TOKEN_BYTES,
+        dialer = Dialer(FORWARD, ("127.0.0.1", port), b"t" * lane.TOKEN_BYTES,
                         pki["a"].client_context(), "b")
         with pytest.raises(LaneUnreachableError, match=r"was refused .*must be reachable "
                                                        r"from the source agent; or set "

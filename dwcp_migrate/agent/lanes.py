@@ -27,6 +27,7 @@ from dwcp_migrate.agent.config import PeerConfig
 from dwcp_migrate.agent.datapath import MessageStream
 from dwcp_migrate.agent.lane import (
     LANE_ACCEPT_TIMEOUT,
+    TOKEN_BYTES,
     LaneError,
     LaneListener,
     connect_lane,
@@ -59,10 +60,19 @@ TLS_LANE_WAIT = 2 * ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT
 
 
 def _offer(peer: PeerConfig, offer: Any, what: str) -> tuple[int, bytes]:
+    """The port and token of a lane the destination offered, checked: a misbehaving peer
+    gets an error that says so, not a socket error from a port that cannot exist."""
     try:
-        return int(offer["port"]), bytes.fromhex(str(offer["token"]))
+        port, token = offer["port"], bytes.fromhex(str(offer["token"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise MigrationError(f"agent {peer.name} offered a malformed {what}: {exc!r}") from exc
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise MigrationError(f"agent {peer.name} offered a {what} on port {port!r}, which "
+                             f"cannot be a TCP port")
+    if len(token) != TOKEN_BYTES:  # both lanes' tokens are that long
+        raise MigrationError(f"agent {peer.name} offered a {what} with a token of "
+                             f"{len(token)} bytes, not {TOKEN_BYTES}")
+    return port, token
 
 
 # ---- source ---------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dwcp_migrate.agent.lane import (
+    TOKEN_BYTES,
     LaneError,
     LaneUnreachableError,
     _guard,
@@ -60,7 +61,6 @@ from dwcp_migrate.transports.tls import TlsConfig, cut_short, explain, peer_name
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32
 FORWARD, RETURN = b"F", b"R"
 SOCKET_BUFFER = 4 << 20  # SO_SNDBUF and SO_RCVBUF of every lane socket (the kernel doubles it)
 # What a sender keeps to send again: twice what the two ends' doubled buffers can hold.
